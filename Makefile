@@ -34,9 +34,13 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Rebuild the shipped default models (seeded, deterministic).
+# Rebuild the shipped default models (seeded, deterministic), then their exports.
+SHIPPED_MODELS := moons moons-vp digits
 models: $(STAMP)
 	$(BIN)/python -m training.defaults --store model_store
+	for name in $(SHIPPED_MODELS); do \
+		$(BIN)/flowserve export model_store/$$name/1 --format torchscript,onnx --max-dir-bytes 5000000 || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

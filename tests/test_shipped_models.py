@@ -123,7 +123,7 @@ def test_moons_vp_samples_through_path_conversion_match_the_data() -> None:
 def test_digits_follow_the_requested_label_under_guidance() -> None:
     model = _load("digits")
     digits = load_digits_data()
-    classifier = LogisticRegression(max_iter=2000)
+    classifier = LogisticRegression(solver="newton-cg", max_iter=2000)  # converges in ~10 steps
     classifier.fit(digits.x.reshape(len(digits.x), -1).numpy(), digits.labels.numpy())
     labels = torch.arange(10).repeat(10)  # 10 samples of every digit
     samples = draw_samples(model, len(labels), torch.Generator().manual_seed(3), labels, 2.0)
