@@ -1,4 +1,7 @@
-# flowserve for GPU nodes. Build: docker build -t flowserve .   Run: docker run --gpus all -p 8001:8001 -p 8002:8002 flowserve
+# flowserve for GPU nodes.
+#   Build: docker build -t flowserve .
+#   Run:   docker run --gpus all -p 8001:8001 -p 8002:8002 flowserve
+#   Own models: docker run --gpus all -v /srv/models:/opt/flowserve/model_store:ro ... flowserve
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -10,11 +13,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 flowserve
+RUN useradd --create-home --uid 10001 --user-group flowserve
 WORKDIR /opt/flowserve
 
-# The same install as the README's, with the CUDA builds: PyPI's torch==2.13.0 for Linux is the
-# CUDA build, and onnxruntime-gpu replaces the CPU onnxruntime.
+# The install steps of the README's "GPU nodes" section, verbatim (tests/test_dockerfile.py
+# checks that they agree): the project from pyproject.toml (PyPI's Linux torch==2.13.0 is the
+# CUDA build), then onnxruntime-gpu in place of the CPU onnxruntime, and triton for the fused
+# kernels.
 COPY pyproject.toml README.md ./
 COPY flows/ flows/
 COPY training/ training/
@@ -31,9 +36,13 @@ RUN python3.11 -m venv .venv \
 COPY --chown=flowserve:flowserve model_store/ model_store/
 
 USER flowserve
+# 8001: gRPC (flowserve.v1, Open Inference Protocol, health, reflection); 8002: /metrics.
 EXPOSE 8001 8002
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["/opt/flowserve/.venv/bin/python", "-m", "server.healthprobe", "127.0.0.1:8001"]
+# The project's own probe of grpc.health.v1 (exit 0 iff SERVING, 3 s timeout); plaintext only.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["/opt/flowserve/.venv/bin/python", "-m", "server.healthprobe", "127.0.0.1:8001", "--timeout", "3"]
 
-# Exec form: the server is PID 1's only child and receives SIGTERM directly, so it drains.
+# Exec form: the server is PID 1 and receives SIGTERM itself, so it drains (grace 30 s by
+# default; give `docker stop -t` / Kubernetes a longer grace than that).
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["/opt/flowserve/.venv/bin/flowserve", "serve", "--store", "/opt/flowserve/model_store", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002"]

@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,23 +30,36 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.flowserve.v1 import flowserve_pb2 as pb
 from protos.flowserve.v1 import flowserve_pb2_grpc as pb_grpc
+from protos.inference import grpc_predict_v2_pb2 as oip_pb
+from protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from server.admin import ModelAdminServicer
+from server.admission_gate import AdmissionInterceptor, WorkGate
 from server.config import ServerConfig
 from server.engine import Engine
+from server.lifecycle import ModelLifecycle
+from server.live_store import LiveStore
 from server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
+from server.oip import InferenceServicer
 from server.rpc import Admission
 from server.servicer import GeneratorServicer
 from server.store import ModelStore
+from server.transport import bind, grpc_options, token_interceptors
 from server.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name
 MODEL_ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["ModelAdmin"].full_name
+OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Health name for liveness probes: SERVING from start-up until the process exits, also while
+# draining (readiness, on "" and the service names, turns NOT_SERVING then), so that a liveness
+# probe never kills a pod that is finishing its in-flight requests.
+LIVENESS_HEALTH_NAME = "liveness"
 # Every service on the port (reflection lists them; health answers for each and for "").
 SERVICE_NAMES: tuple[str, ...] = (
     GENERATOR_SERVICE,
     MODEL_ADMIN_SERVICE,
+    OIP_SERVICE,
     health.SERVICE_NAME,
     reflection.SERVICE_NAME,
 )
@@ -62,27 +76,37 @@ class FlowServer:
         config: The configuration it was built from.
         grpc_server: The gRPC server (bound, not yet started until `start()`).
         port: The bound gRPC port.
-        store: The served models.
+        store: The served models (the serving pointer, swapped on promotion).
         engine: The running engine.
         metrics: The metrics registry and engine observer.
         health: The grpc.health.v1 servicer.
         admission: The gate that closes when draining starts.
+        lifecycle: Pushes, pins and directory mode of the store.
         metrics_endpoint: The /metrics HTTP server once started.
+        serving: Set while health reports SERVING (read by the OIP ServerReady).
+        work_gate: Lets work RPCs in until draining starts; draining waits for those it let in.
     """
 
     config: ServerConfig
     grpc_server: grpc.Server
     port: int
-    store: ModelStore
+    store: LiveStore
     engine: Engine
     metrics: ServerMetrics
     health: health.HealthServicer
     admission: Admission
+    lifecycle: ModelLifecycle
     metrics_endpoint: MetricsEndpoint | None = field(default=None)
+    serving: threading.Event = field(default_factory=threading.Event)
+    work_gate: WorkGate = field(default_factory=WorkGate)
 
     def _set_health(self, status: int) -> None:
         for name in HEALTH_NAMES:
             self.health.set(name, status)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            self.serving.set()
+        else:
+            self.serving.clear()
 
     def start(self) -> None:
         """Listen for RPCs (health NOT_SERVING) and serve metrics."""
@@ -101,6 +125,7 @@ class FlowServer:
         for entry in self.store.entries():
             warm_up(entry, self.engine, self.config.limits.exact_max_dimension)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.lifecycle.start_polling()
         logger.info("serving %d model(s): %s", len(self.store), ", ".join(self.store.names()))
 
     def drain_and_stop(self, grace_seconds: float) -> bool:
@@ -112,9 +137,17 @@ class FlowServer:
         logger.info(
             "draining: refusing new requests, %.1fs grace for in-flight ones", grace_seconds
         )
+        end = time.monotonic() + grace_seconds
+        # Readiness first, so that clients watching health stop picking this replica; not
+        # enter_graceful_shutdown(), which would also fail LIVENESS_HEALTH_NAME. Then new work
+        # gets UNAVAILABLE before any header (clients may retry it elsewhere); the servicers'
+        # own Admission check closes only once the calls let in have finished.
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.work_gate.close()
+        self.lifecycle.stop()
+        idle = self.work_gate.wait_idle(grace_seconds)
         self.admission.close()
-        self.health.enter_graceful_shutdown()
-        drained = self.engine.drain(grace_seconds)
+        drained = self.engine.drain(max(0.0, end - time.monotonic())) and idle
         if not drained:
             logger.warning("grace period over with requests in flight; failing them")
         self.engine.shutdown(0.0)
@@ -141,23 +174,33 @@ def create_server(config: ServerConfig) -> tuple[FlowServer, int]:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     metrics = ServerMetrics()
-    store = ModelStore.load(config.store, config.engine.device)
+    store = LiveStore(ModelStore.load(config.store, config.engine.device))
     metrics.set_models(store.entries())
     engine = Engine(config.engine, observer=metrics)
     engine.start()
+    lifecycle = ModelLifecycle(
+        store,
+        config.store,
+        config.push,
+        engine,
+        metrics,
+        config.limits.exact_max_dimension,
+        config.engine.device,
+    )
+    if config.admin.token is not None:
+        lifecycle.prepare_staging()
     metrics.track_engine(engine.stats)
     admission = Admission()
-    message_bytes = config.limits.max_message_bytes
+    serving = threading.Event()
+    work_gate = WorkGate()
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=config.grpc.max_workers, thread_name_prefix="flowserve-rpc"
         ),
-        options=[
-            ("grpc.max_receive_message_length", message_bytes),
-            ("grpc.max_send_message_length", message_bytes),
-            # gRPC shares ports by default: a second server on a busy port would start and
-            # split the traffic. Refuse instead.
-            ("grpc.so_reuseport", 0),
+        options=grpc_options(config),
+        interceptors=[
+            *token_interceptors(config, metrics),
+            AdmissionInterceptor(work_gate, metrics),
         ],
         maximum_concurrent_rpcs=config.grpc.max_concurrent_rpcs,
     )
@@ -165,19 +208,22 @@ def create_server(config: ServerConfig) -> tuple[FlowServer, int]:
     # The generated registration functions carry no type hints.
     pb_grpc.add_GeneratorServicer_to_server(generator, server)  # type: ignore[no-untyped-call]
     pb_grpc.add_ModelAdminServicer_to_server(  # type: ignore[no-untyped-call]
-        ModelAdminServicer(metrics, config.admin), server
+        ModelAdminServicer(metrics, config.admin, lifecycle), server
+    )
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        InferenceServicer(store, engine, config.limits, metrics, admission, serving), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in HEALTH_NAMES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set(LIVENESS_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
-    address = f"{config.grpc.host}:{config.grpc.port}"
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as error:
+        port = bind(server, config)
+    except BaseException:
         engine.shutdown(0.0)
-        raise OSError(f"cannot bind gRPC port {address}: is another server using it?") from error
+        raise
     flow_server = FlowServer(
         config=config,
         grpc_server=server,
@@ -187,6 +233,9 @@ def create_server(config: ServerConfig) -> tuple[FlowServer, int]:
         metrics=metrics,
         health=health_servicer,
         admission=admission,
+        lifecycle=lifecycle,
+        serving=serving,
+        work_gate=work_gate,
     )
     return flow_server, port
 

@@ -1,4 +1,4 @@
-"""`flowserve serve | sample | loglik | models`: run the server, or call one.
+"""`flowserve serve | sample | loglik | models | push`: run the server, or call one.
 
 `serve` builds the configuration once (file, then flags) and runs `server.app.serve`. The
 client commands talk to a running server (default 127.0.0.1:8001) and say clearly when none
@@ -26,7 +26,7 @@ from server.options import BACKENDS, LOG_LEVELS
 from server.output import SUFFIXES, OutputError, write_samples
 from server.wire_names import ESTIMATOR_ENUMS, SOLVER_ENUMS
 
-__all__ = ["loglik", "models", "sample", "serve"]
+__all__ = ["loglik", "models", "push", "sample", "serve"]
 
 ServerOption = Annotated[
     str, typer.Option("--server", help="Address of a running flowserve server, HOST:PORT.")
@@ -139,6 +139,8 @@ def serve(
     configure_logging(server_config.logging)
     try:
         status = run_server(server_config)
+    except ConfigError as error:  # a file the config names (TLS, token) cannot be read
+        raise _fail(f"configuration: {error}", code=2) from None
     except (StoreError, WarmupFailed, OSError) as error:
         raise _fail(str(error)) from None
     raise typer.Exit(status)
@@ -268,9 +270,76 @@ def models(server: ServerOption = DEFAULT_SERVER) -> None:
         )
 
 
+def push(
+    directory: Annotated[
+        Path, typer.Argument(help="Model directory (config.json + model.safetensors).")
+    ],
+    server: ServerOption = DEFAULT_SERVER,
+    name: Annotated[
+        str | None, typer.Option(help="Store it under this name (default: config.json's).")
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the admin token (else $FLOWSERVE_ADMIN_TOKEN)."),
+    ] = None,
+    make_serving: Annotated[
+        bool, typer.Option(help="Pin the new version as the serving one.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Promote even if the quality gate finds it worse.")
+    ] = False,
+) -> None:
+    """Push a model directory to a running server: validated, stored as the next version, served.
+
+    Sends config.json, model.safetensors and model.onnx (if present), nothing else.
+    """
+    typer.echo(_push(directory, server, token_file, name or "", make_serving, force))
+
+
+def _push(
+    directory: Path,
+    server: str,
+    token_file: Path | None,
+    name: str,
+    make_serving: bool,
+    force: bool,
+) -> str:
+    """Push and describe the result; failures end the command with a readable message."""
+    from server.config import ConfigError, read_admin_token
+    from server.push_client import PushError, push_model_dir
+
+    try:
+        # The command's start-up: the one place it reads the environment.
+        token = read_admin_token(token_file, os.environ)
+    except ConfigError as error:
+        raise _fail(str(error), code=2) from None
+    if token is None:
+        raise _fail("no admin token: pass --token-file or set FLOWSERVE_ADMIN_TOKEN", code=2)
+    try:
+        response = push_model_dir(
+            server, directory, token, name=name, make_serving=make_serving, force=force
+        )
+    except PushError as error:
+        raise _fail(str(error), code=2) from None
+    except ServerUnreachable as error:
+        raise _fail(str(error)) from None
+    except grpc.RpcError as error:
+        raise _fail(explain(error, server)) from None
+    info = response.model
+    return (
+        f"pushed {info.name} version {info.version} to {server} "
+        f"(serving version {info.serving_version}; versions {list(info.versions)})"
+    )
+
+
+def push_for_training(directory: Path, server: str, token_file: Path | None) -> str:
+    """`flowserve train --push`: push the trained directory under its own name."""
+    return _push(directory, server, token_file, "", make_serving=False, force=False)
+
+
 def main() -> None:
     """Entry point of `python -m server`: the serving commands without the rest of the CLI."""
     app = typer.Typer(add_completion=False, no_args_is_help=True)
-    for command in (serve, sample, loglik, models):
+    for command in (serve, sample, loglik, models, push):
         app.command()(command)
     app(sys.argv[1:])

@@ -1,7 +1,7 @@
 """The server's configuration: one tree of frozen dataclasses, built once at start-up.
 
 `load_config(path, overrides)` reads an optional TOML or JSON file whose tables mirror the tree
-(`[grpc]`, `[metrics]`, `[limits]`, `[store]`, `[engine]`, `[logging]`, plus top-level
+(`[grpc]`, `[metrics]`, `[limits]`, `[store]`, `[engine]`, `[logging]`, `[push]`, plus top-level
 `torch_threads`), applies command-line overrides on top, type-checks and range-checks every
 value, and returns a `ServerConfig`. Nothing else in the server reads files or the environment
 for configuration; the tree is passed down.
@@ -50,6 +50,8 @@ class GrpcConfig:
         max_workers: Threads answering RPCs; each running request holds one while it waits.
         max_concurrent_rpcs: RPCs in progress at once; beyond it gRPC answers
             RESOURCE_EXHAUSTED.
+        max_concurrent_streams: HTTP/2 streams one client connection may hold open at once
+            (`grpc.http2.max_concurrent_streams`).
         grace_seconds: After SIGTERM, how long in-flight requests may take to finish.
         port_file: Where to write the bound gRPC port (and the metrics port) once serving.
     """
@@ -58,6 +60,7 @@ class GrpcConfig:
     port: int = 8001
     max_workers: int = 64
     max_concurrent_rpcs: int = 1024
+    max_concurrent_streams: int = 256
     grace_seconds: float = 30.0
     port_file: Path | None = None
 
@@ -68,6 +71,7 @@ class GrpcConfig:
         _check_range("grpc.max_workers", self.max_workers, 1, 4096)
         _check_range("grpc.max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 1_000_000)
         _check_range("grpc.grace_seconds", self.grace_seconds, 0.0, 3600.0)
+        _check_range("grpc.max_concurrent_streams", self.max_concurrent_streams, 1, 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -142,16 +146,57 @@ class StoreConfig:
         backend: Backend for sampling; a model without the backend's file falls back to eager.
         verify: Check every file's sha256 when loading.
         warmup: Run a tiny request per model before reporting SERVING.
+        poll_seconds: Directory mode: how often to look for version directories dropped into
+            the store (validated like a push before they serve); 0 disables polling.
     """
 
     path: Path = Path("model_store")
     backend: str = "eager"
     verify: bool = True
     warmup: bool = True
+    poll_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"store.backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_range("store.poll_seconds", self.poll_seconds, 0.0, 86400.0)
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """Checks a pushed (or dropped-in) model version must pass before it serves.
+
+    Attributes:
+        max_file_bytes: Largest single file of a push.
+        max_push_bytes: Largest push, all files together.
+        smoke_samples: Samples of the smoke test (drawn from noise by the eager network).
+        smoke_steps: Euler steps of the smoke test.
+        smoke_bound: Largest absolute sample value the smoke test accepts.
+        quality_margin: Largest accepted relative quality loss against the serving version
+            (0.25: up to 25% worse); larger losses are refused unless the push is forced.
+        quality_samples: Samples drawn by the quality gate, per measurement.
+        quality_seed: Seed of the gate's noise, data and projections (the same for both
+            versions, so that the comparison does not depend on sampling luck).
+    """
+
+    max_file_bytes: int = 256 * MIB
+    max_push_bytes: int = 512 * MIB
+    smoke_samples: int = 256
+    smoke_steps: int = 20
+    smoke_bound: float = 1e4
+    quality_margin: float = 0.25
+    quality_samples: int = 500
+    quality_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("push.max_file_bytes", self.max_file_bytes, 1, 1 << 40)
+        _check_range("push.max_push_bytes", self.max_push_bytes, 1, 1 << 40)
+        _check_range("push.smoke_samples", self.smoke_samples, 1, 1 << 20)
+        _check_range("push.smoke_steps", self.smoke_steps, 1, 10_000)
+        _check_range("push.smoke_bound", self.smoke_bound, 1e-6, 1e30)
+        _check_range("push.quality_margin", self.quality_margin, 0.0, 1e6)
+        _check_range("push.quality_samples", self.quality_samples, 10, 1 << 20)
+        _check_range("push.quality_seed", self.quality_seed, 0, 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -196,6 +241,37 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Transport security and client authentication on the gRPC port.
+
+    Attributes:
+        tls_cert_file: PEM server certificate (chain); with `tls_key_file` the port speaks TLS.
+        tls_key_file: PEM private key of the certificate.
+        tls_client_ca_file: PEM CA bundle; when set, clients must present a certificate it
+            signed (mutual TLS).
+        inference_token_file: File holding a bearer token that Generator and the Open Inference
+            Protocol then require (`authorization: Bearer TOKEN`); health and reflection stay
+            open for probes. ModelAdmin has its own token (`--admin-token-file`).
+    """
+
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    inference_token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("security.tls_cert_file and security.tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("security.tls_client_ca_file (mutual TLS) needs tls_cert_file")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the port speaks TLS."""
+        return self.tls_cert_file is not None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The whole configuration tree.
 
@@ -207,6 +283,8 @@ class ServerConfig:
         engine: The batching engine (its own frozen config).
         logging: Log format and level.
         admin: ModelAdmin access (built from flags and the environment, not the file).
+        push: Checks of pushed and dropped-in model versions.
+        security: TLS, mutual TLS and the optional inference token.
         torch_threads: Threads of torch's intra-op pool; 0 keeps torch's default.
     """
 
@@ -217,6 +295,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     torch_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -238,6 +318,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "store": StoreConfig,
     "engine": EngineConfig,
     "logging": LoggingConfig,
+    "push": PushConfig,
+    "security": SecurityConfig,
 }
 _TOP_LEVEL = ("torch_threads",)
 

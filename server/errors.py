@@ -52,6 +52,22 @@ class PermissionDenied(RequestError):
     """An admin call whose credentials are not accepted (or the admin service is off)."""
 
 
+class PushRejected(RequestError):
+    """A pushed model version failed a check; nothing of it was kept.
+
+    Attributes:
+        check: The name of the failed check (e.g. "pickle", "smoke test", "quality gate").
+    """
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(f"push rejected by the {check} check: {message}")
+        self.check = check
+
+
+class VersionUnavailable(RequestError):
+    """A model version exists but cannot serve (it fails to load or to warm up)."""
+
+
 class Unimplemented(RequestError):
     """The method exists in the API but this server does not provide it yet."""
 
@@ -71,6 +87,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (PushRejected, grpc.StatusCode.FAILED_PRECONDITION),
+    (VersionUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineClosed, grpc.StatusCode.UNAVAILABLE),
     (JobCancelled, grpc.StatusCode.CANCELLED),

@@ -14,7 +14,7 @@ from server.engine import Engine, JobHandle, Progress
 from server.metrics import ServerMetrics
 from server.model_info import model_info
 from server.rpc import Admission, RpcScope, cancel_with_rpc, deadline_of, wait_for
-from server.store import ModelEntry, ModelStore
+from server.store import ModelEntry, ServedModels
 from server.translate import (
     likelihood_job,
     likelihood_response,
@@ -38,7 +38,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     def __init__(
         self,
-        store: ModelStore,
+        store: ServedModels,
         engine: Engine,
         limits: LimitsConfig,
         metrics: ServerMetrics,

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from flowserve.modeldir import LoadedModel, ModelDirError, load_model_dir, read_config
 from server.config import StoreConfig
@@ -91,6 +94,21 @@ def read_serving_pin(model_dir: Path) -> int | None:
     return version
 
 
+def write_serving_pin(model_dir: Path, version: int | None) -> None:
+    """Pin `version` in `model_dir/serving.json` (None removes the pin), atomically: readers
+    see the old file or the new one, never a partial one."""
+    path = model_dir / SERVING_FILE
+    if version is None:
+        path.unlink(missing_ok=True)
+        return
+    fd, staging = tempfile.mkstemp(prefix=f".{SERVING_FILE}.", dir=model_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"version": version}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
 def available_backends(version_dir: Path, device: str) -> tuple[str, ...]:
     """Backends whose files are present in a version directory."""
     kinds = ["eager"]
@@ -100,7 +118,7 @@ def available_backends(version_dir: Path, device: str) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def _valid_versions(model_dir: Path) -> list[int]:
+def valid_versions(model_dir: Path) -> list[int]:
     """Versions whose config.json validates and names this model, ascending."""
     versions = []
     for child in sorted(model_dir.iterdir()):
@@ -135,8 +153,13 @@ def _backend(kind: str, version_dir: Path, loaded: LoadedModel, device: str) -> 
         return load_backend("eager", version_dir, loaded, device)
 
 
-def load_version(name: str, version_dir: Path, config: StoreConfig, device: str) -> ServedModel:
+def load_version(
+    name: str, version_dir: Path, config: StoreConfig, device: str, version: int | None = None
+) -> ServedModel:
     """Load, verify and wrap one version directory.
+
+    `version` defaults to the directory's name; a staged directory (not yet renamed into
+    place) passes the number it will have.
 
     Raises:
         ModelDirError: the directory fails a check of `flowserve.modeldir.load_model_dir`.
@@ -150,13 +173,17 @@ def load_version(name: str, version_dir: Path, config: StoreConfig, device: str)
         else _backend(config.backend, version_dir, loaded, device)
     )
     return ServedModel(
-        name=name, version=int(version_dir.name), config=loaded.config, backend=backend, eager=eager
+        name=name,
+        version=int(version_dir.name) if version is None else version,
+        config=loaded.config,
+        backend=backend,
+        eager=eager,
     )
 
 
 def load_model(model_dir: Path, config: StoreConfig, device: str) -> ModelEntry | None:
     """Load the serving version of the model in `model_dir`, or None (reason logged)."""
-    versions = _valid_versions(model_dir)
+    versions = valid_versions(model_dir)
     try:
         pin = read_serving_pin(model_dir)
     except StoreError as error:
@@ -196,6 +223,25 @@ def load_model(model_dir: Path, config: StoreConfig, device: str) -> ModelEntry 
         )
     logger.error("not serving model %s: no version loads (tried %s)", model_dir.name, candidates)
     return None
+
+
+class ServedModels(Protocol):
+    """What request handlers read: `ModelStore`, or `server.lifecycle.LiveStore` whose
+    snapshot changes when a version is promoted."""
+
+    def get(self, name: str, version: int = 0) -> ModelEntry:
+        """The served model `name` (see `ModelStore.get`)."""
+        ...
+
+    def entries(self) -> tuple[ModelEntry, ...]:
+        """Every served model, sorted by name."""
+        ...
+
+    def names(self) -> tuple[str, ...]:
+        """The served models' names, sorted."""
+        ...
+
+    def __len__(self) -> int: ...
 
 
 class ModelStore:
@@ -250,6 +296,10 @@ class ModelStore:
                 f"{entry.version} (send version 0 for the serving version)"
             )
         return entry
+
+    def with_entry(self, entry: ModelEntry) -> ModelStore:
+        """A store where `entry` replaces (or adds) the model of its name."""
+        return ModelStore([*(e for e in self._entries.values() if e.name != entry.name), entry])
 
     def without(self, name: str) -> ModelStore:
         """A store without model `name` (used when its warm-up fails)."""

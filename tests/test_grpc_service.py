@@ -490,6 +490,7 @@ def test_reflection_lists_every_service(channel: grpc.Channel) -> None:
         "flowserve.v1.ModelAdmin",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "inference.GRPCInferenceService",
     }
     # A reflection client can rebuild the request types from the server alone.
     generator = database.FindFileContainingSymbol("flowserve.v1.Generator")

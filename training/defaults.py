@@ -64,7 +64,7 @@ def default_config(dataset: str, path: str = "linear", name: str | None = None) 
         )
     return TrainConfig(
         dataset=dataset,
-        # Width 16 keeps the shipped directory, weights plus three exports, under 5 MB (24 gives 5.5).
+        # Width 16 keeps the shipped dir (weights + three exports) under 5 MB; 24 gives 5.5 MB.
         net=NetSpec("conv_unet8", {"channels": 1, "width": 16, "num_classes": info.num_classes}),
         name=model_name,
         path=path_dict,

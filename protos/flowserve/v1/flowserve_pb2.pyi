@@ -225,12 +225,14 @@ class PushModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[PushModelHeader, _Mapping]] = ..., file: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class PushModelHeader(_message.Message):
-    __slots__ = ("name", "make_serving")
+    __slots__ = ("name", "make_serving", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAKE_SERVING_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     make_serving: bool
-    def __init__(self, name: _Optional[str] = ..., make_serving: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., make_serving: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("filename", "offset", "data", "sha256")
