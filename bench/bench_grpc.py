@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.common import Measurement, best_of, print_table
+from bench.common import Measurement, best_of_interleaved, print_table
 from flows.nets import NetSpec, build_net
 from flowserve.modeldir import ModelConfig, write_model_dir
 from protos.flowserve.v1 import flowserve_pb2 as pb
@@ -130,8 +130,14 @@ def run_scenarios(server: FlowServer, model: ServedModel, stub: pb_grpc.Generato
     in_process(model, server, 1024, 4)
     through_grpc(stub, 1024, 4)
 
-    engine_seconds = best_of(lambda: in_process(model, server, BIG_SAMPLES, BIG_STEPS), 2, 0)
-    grpc_seconds = best_of(lambda: through_grpc(stub, BIG_SAMPLES, BIG_STEPS), 2, 0)
+    engine_seconds, grpc_seconds = best_of_interleaved(
+        [
+            lambda: in_process(model, server, BIG_SAMPLES, BIG_STEPS),
+            lambda: through_grpc(stub, BIG_SAMPLES, BIG_STEPS),
+        ],
+        reps=2,
+        warmup=0,
+    )
     print_table(
         f"[throughput] one request of {BIG_SAMPLES:,} samples x {BIG_STEPS} steps",
         [

@@ -51,6 +51,28 @@ def best_of(fn: Callable[[], object], reps: int = 3, warmup: int = 1) -> float:
     return min(times)
 
 
+def best_of_interleaved(
+    fns: Sequence[Callable[[], object]], reps: int = 3, warmup: int = 1
+) -> list[float]:
+    """Minimum wall time of each of `fns`, run in turn (A B A B ...) `reps` times.
+
+    Interleaving spreads any drift in the machine's load over every candidate alike, so their
+    ratios stay fair where back-to-back blocks of runs would not.
+    """
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for index, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
+
+
 def describe_machine() -> str:
     """One line: CPU architecture, logical cores, torch version and intra-op threads."""
     processor = platform.processor() or platform.machine()

@@ -174,6 +174,8 @@ class PushConfig:
         smoke_bound: Largest absolute sample value the smoke test accepts.
         quality_margin: Largest accepted relative quality loss against the serving version
             (0.25: up to 25% worse); larger losses are refused unless the push is forced.
+        likelihood_margin: Largest accepted rise of the held-out negative log-likelihood, in
+            nats per dimension (a difference: log-likelihoods have no natural scale).
         quality_samples: Samples drawn by the quality gate, per measurement.
         quality_seed: Seed of the gate's noise, data and projections (the same for both
             versions, so that the comparison does not depend on sampling luck).
@@ -185,6 +187,7 @@ class PushConfig:
     smoke_steps: int = 20
     smoke_bound: float = 1e4
     quality_margin: float = 0.25
+    likelihood_margin: float = 0.1
     quality_samples: int = 500
     quality_seed: int = 0
 
@@ -195,6 +198,7 @@ class PushConfig:
         _check_range("push.smoke_steps", self.smoke_steps, 1, 10_000)
         _check_range("push.smoke_bound", self.smoke_bound, 1e-6, 1e30)
         _check_range("push.quality_margin", self.quality_margin, 0.0, 1e6)
+        _check_range("push.likelihood_margin", self.likelihood_margin, 0.0, 1e6)
         _check_range("push.quality_samples", self.quality_samples, 10, 1 << 20)
         _check_range("push.quality_seed", self.quality_seed, 0, 2**63 - 1)
 

@@ -107,7 +107,7 @@ class ModelLifecycle:
         self._seen: set[tuple[str, int]] = set(self._version_dirs())
         # Dropped-in directories that failed, with their fingerprint (re-checked if it changes).
         self._rejected: dict[tuple[str, int], tuple[tuple[str, int, int], ...]] = {}
-        self._reference_scores: dict[tuple[str, int], QualityScore | None] = {}
+        self._reference_scores: dict[tuple[str, int], tuple[QualityScore, ...]] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -150,43 +150,63 @@ class ModelLifecycle:
         rebuild_exports(directory, self._store_config.backend)
         return loaded
 
-    def _reference_score(self, entry: ModelEntry) -> QualityScore | None:
+    def _reference_scores_of(self, entry: ModelEntry) -> tuple[QualityScore, ...]:
+        """The serving version's scores, measured once per version."""
         key = (entry.name, entry.version)
         if key not in self._reference_scores:
             serving = load_model_dir(entry.directory, verify=False)
             self._reference_scores[key] = self._meter.measure(serving)
         return self._reference_scores[key]
 
+    def _margin(self, score: QualityScore) -> float:
+        if score.relative:
+            return self._push_config.quality_margin
+        return self._push_config.likelihood_margin
+
     def _quality_gate(self, loaded: LoadedModel, force: bool) -> None:
-        """Refuse a version more than `quality_margin` worse than the serving one."""
+        """Refuse a version worse than the serving one by more than a margin on any metric.
+
+        Relative metrics (distances, accuracies) use `push.quality_margin`, a fraction of the
+        serving version's value; held-out log-likelihoods use `push.likelihood_margin`, in nats
+        per dimension.
+        """
         current = self._live.find(loaded.config.name)
         if current is None:
             return
-        new = self._meter.measure(loaded)
-        old = self._reference_score(current)
-        if new is None or old is None or new.metric != old.metric:
-            return
-        loss = new.relative_loss(old)
-        margin = self._push_config.quality_margin
-        logger.info(
-            "quality gate for %s: %s %.4g vs serving version %d's %.4g (%.1f%% worse)",
-            loaded.config.name,
-            new.metric,
-            new.value,
-            current.version,
-            old.value,
-            100 * loss,
-        )
-        if loss <= margin:
+        old_scores = {score.metric: score for score in self._reference_scores_of(current)}
+        failures = []
+        for new in self._meter.measure(loaded):
+            old = old_scores.get(new.metric)
+            if old is None:
+                continue
+            loss, margin = new.loss(old), self._margin(new)
+            shown = f"{100 * loss:.1f}% worse" if new.relative else f"worse by {loss:.4g}"
+            limit = (
+                f"push.quality_margin {100 * margin:.1f}%"
+                if new.relative
+                else f"push.likelihood_margin {margin:.4g}"
+            )
+            logger.info(
+                "quality gate for %s: %s %.4g vs serving version %d's %.4g (%s)",
+                loaded.config.name,
+                new.metric,
+                new.value,
+                current.version,
+                old.value,
+                shown,
+            )
+            if loss > margin:
+                failures.append(
+                    f"{new.metric} is {new.value:.4g} against {old.value:.4g} for serving "
+                    f"version {current.version}: {shown}, beyond {limit}"
+                )
+        if not failures:
             return
         if force:
             logger.warning("quality gate overridden by force for %s", loaded.config.name)
             return
         raise PushRejected(
-            "quality gate",
-            f"{new.metric} is {new.value:.4g} against {old.value:.4g} for serving version "
-            f"{current.version}: {100 * loss:.1f}% worse, beyond push.quality_margin "
-            f"{100 * margin:.1f}%; retrain, or push with force to override",
+            "quality gate", "; ".join(failures) + "; retrain, or push with force to override"
         )
 
     def _load_entry(self, name: str, files: Path, final: Path, version: int) -> ModelEntry:
