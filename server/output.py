@@ -62,7 +62,10 @@ def _figure() -> Figure:
 def _scatter(path: Path, samples: np.ndarray, class_labels: np.ndarray | None) -> None:
     figure = _figure()
     axes = figure.add_subplot(1, 1, 1)
-    axes.scatter(samples[:, 0], samples[:, 1], s=4, c=class_labels, cmap="tab10", alpha=0.7)
+    if class_labels is None:
+        axes.scatter(samples[:, 0], samples[:, 1], s=4, alpha=0.7)
+    else:
+        axes.scatter(samples[:, 0], samples[:, 1], s=4, c=class_labels, cmap="tab10", alpha=0.7)
     axes.set_aspect("equal")
     axes.set_title(f"{len(samples)} samples")
     figure.savefig(path, bbox_inches="tight")
