@@ -37,7 +37,7 @@ from server.oip_codec import (
     rename_field,
     sample_request,
 )
-from server.rpc import Admission, RpcScope, cancel_with_rpc, deadline_of, wait_for
+from server.rpc import Admission, RpcScope, deadline_of, run_job
 from server.store import ModelEntry, ServedModels
 from server.translate import likelihood_job, sample_job
 from server.validation import validate_likelihood, validate_sample
@@ -152,9 +152,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                     job = sample_job(entry, sample_spec, deadline)
             except InvalidArgument as error:
                 raise rename_field(error) from None
-            handle = self._engine.submit(job)
-            cancel_with_rpc(context, handle)
-            result = wait_for(handle, deadline)
+            result = run_job(self._engine, job, context, deadline)
             if ref.log_prob:
                 metadata, raw = output_tensor(LOG_PROB, FP64, result.log_prob.double().numpy())
             else:

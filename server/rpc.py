@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from server.engine import JobDeadlineExceeded, JobHandle
+from server.engine import Engine, JobDeadlineExceeded, JobHandle, LikelihoodJob, SampleJob
 from server.errors import Draining, status_for
 from server.logs import REQUEST_ID_KEY, RequestLogger, request_id_from
 from server.metrics import UNKNOWN_MODEL, ServerMetrics
@@ -109,3 +109,15 @@ def cancel_with_rpc(context: grpc.ServicerContext, handle: JobHandle) -> None:
     """Cancel the job when the RPC ends early (client cancel, deadline, disconnect)."""
     if not context.add_callback(handle.cancel):
         handle.cancel()  # the RPC had already ended
+
+
+def run_job(
+    engine: Engine,
+    job: SampleJob | LikelihoodJob,
+    context: grpc.ServicerContext,
+    deadline: float | None,
+) -> Any:
+    """Submit a job that lives and dies with its RPC, and wait for its result."""
+    handle = engine.submit(job)
+    cancel_with_rpc(context, handle)
+    return wait_for(handle, deadline)

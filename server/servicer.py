@@ -13,7 +13,7 @@ from server.config import LimitsConfig
 from server.engine import Engine, JobHandle, Progress
 from server.metrics import ServerMetrics
 from server.model_info import model_info
-from server.rpc import Admission, RpcScope, cancel_with_rpc, deadline_of, wait_for
+from server.rpc import Admission, RpcScope, cancel_with_rpc, deadline_of, run_job, wait_for
 from server.store import ModelEntry, ServedModels
 from server.translate import (
     likelihood_job,
@@ -63,9 +63,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             entry = self._model(scope, request.model, request.version)
             spec = validate_sample(request, entry.model.config, self._limits)
             deadline = deadline_of(context)
-            handle = self._engine.submit(sample_job(entry, spec, deadline))
-            cancel_with_rpc(context, handle)
-            response = sample_response(wait_for(handle, deadline), with_trajectory=True)
+            result = run_job(self._engine, sample_job(entry, spec, deadline), context, deadline)
+            response = sample_response(result, with_trajectory=True)
         except Exception as error:
             scope.fail(error)
         scope.record(grpc.StatusCode.OK)
@@ -119,9 +118,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             entry = self._model(scope, request.model, request.version)
             spec = validate_likelihood(request, entry.model.config, self._limits)
             deadline = deadline_of(context)
-            handle = self._engine.submit(likelihood_job(entry, spec, deadline))
-            cancel_with_rpc(context, handle)
-            response = likelihood_response(wait_for(handle, deadline))
+            job = likelihood_job(entry, spec, deadline)
+            response = likelihood_response(run_job(self._engine, job, context, deadline))
         except Exception as error:
             scope.fail(error)
         scope.record(grpc.StatusCode.OK)
