@@ -206,6 +206,17 @@ _NET_PARAMETERS: Mapping[str, tuple[str, ...]] = {
 }
 _NET_REQUIRED: Mapping[str, tuple[str, ...]] = {"time_mlp": ("dim",), "conv_unet8": ()}
 _NET_DEFAULT_CLASSES: Mapping[str, int] = {"time_mlp": 0, "conv_unet8": 10}
+# Ceilings on every architecture argument, far above any model this project serves: a spec is
+# read from untrusted config.json files (pushes), and building a net of depth 10**6 would hold
+# the server for minutes before the weights could be compared with it.
+NET_ARGUMENT_LIMITS: Mapping[str, int] = {
+    "dim": 1 << 20,
+    "hidden": 1 << 16,
+    "depth": 256,
+    "num_classes": 1 << 20,
+    "channels": 64,
+    "width": 4096,
+}
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,10 @@ class NetSpec:
                     f"kwargs[{key!r}] is not a {self.kind} argument; allowed: {allowed}"
                 )
             _check_int(f"kwargs[{key!r}]", value, 0)
+            if value > NET_ARGUMENT_LIMITS[key]:
+                raise ValueError(
+                    f"kwargs[{key!r}] must be <= {NET_ARGUMENT_LIMITS[key]}, got {value}"
+                )
         for key in _NET_REQUIRED[self.kind]:
             if key not in self.kwargs:
                 raise ValueError(f"kwargs[{key!r}] is required for kind {self.kind!r}")

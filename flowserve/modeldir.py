@@ -128,7 +128,8 @@ class ModelConfig:
             raise _field_error(
                 "format_version", f"must be {FORMAT_VERSION}, got {self.format_version!r}"
             )
-        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
+        # fullmatch: `$` alone also matches before a trailing newline ("name\n").
+        if not isinstance(self.name, str) or not _NAME_PATTERN.fullmatch(self.name):
             raise _field_error(
                 "name", f"must match {_NAME_PATTERN.pattern} (at most 64 chars), got {self.name!r}"
             )
@@ -367,7 +368,9 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise ModelDirError(f"{directory}: missing {CONFIG_FILE}") from None
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    # ValueError: undecodable, not JSON, or an int beyond Python's 4300-digit limit;
+    # RecursionError: nesting deeper than the interpreter's recursion limit.
+    except (ValueError, RecursionError) as error:
         raise ModelDirError(f"{config_path}: not valid JSON ({error})") from error
     try:
         return ModelConfig.from_dict(data)

@@ -26,6 +26,7 @@ from server.lifecycle import ModelLifecycle
 from server.metrics import ServerMetrics
 from server.model_info import model_info
 from server.rpc import RpcScope
+from server.validation import check_store_name
 
 _REJECTED = (InvalidArgument, PushRejected, VersionUnavailable)
 _DENIED = (Unauthenticated, PermissionDenied)
@@ -81,7 +82,8 @@ class ModelAdminServicer(pb_grpc.ModelAdminServicer):
         scope.model_label = ""
         try:
             check_admin_token(context.invocation_metadata(), self._admin.token)
-            entry = self._lifecycle.set_serving(request.model, request.version)
+            name = check_store_name(request.model)
+            entry = self._lifecycle.set_serving(name, request.version)
             scope.model_label = entry.name
             info = model_info(entry)
         except Exception as error:

@@ -35,6 +35,7 @@ from protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from server.admin import ModelAdminServicer
 from server.admission_gate import AdmissionInterceptor, WorkGate
 from server.config import ServerConfig
+from server.decoding import DecodingInterceptor
 from server.engine import Engine
 from server.lifecycle import ModelLifecycle
 from server.live_store import LiveStore
@@ -201,6 +202,8 @@ def create_server(config: ServerConfig) -> tuple[FlowServer, int]:
         interceptors=[
             *token_interceptors(config, metrics),
             AdmissionInterceptor(work_gate, metrics),
+            # Innermost: undecodable requests get INVALID_ARGUMENT, not grpcio's INTERNAL.
+            DecodingInterceptor((GENERATOR_SERVICE, MODEL_ADMIN_SERVICE, OIP_SERVICE)),
         ],
         maximum_concurrent_rpcs=config.grpc.max_concurrent_rpcs,
     )

@@ -103,6 +103,24 @@ _CLIENT_MESSAGES: dict[type[BaseException], str] = {
 }
 
 
+# Longest message sent to a client, in characters. Messages quote what the client sent (a model
+# name, a version), and the message travels as the grpc-message trailer: a 70000-character model
+# name made it exceed the client's metadata limit (8 KiB by default), and the client saw
+# RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of NOT_FOUND. 512
+# characters stay below 8 KiB even as 4-byte UTF-8, percent-encoded (3 bytes per byte).
+MAX_MESSAGE_CHARS = 512
+
+
+def client_message(text: str) -> str:
+    """`text` cut to MAX_MESSAGE_CHARS, keeping its start and its end (which often lists what
+    is allowed)."""
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    marker = f" [...{len(text) - MAX_MESSAGE_CHARS} characters cut...] "
+    keep = MAX_MESSAGE_CHARS - len(marker)
+    return text[: keep // 2] + marker + text[len(text) - (keep - keep // 2) :]
+
+
 def status_for(error: BaseException, request_id: str) -> Status:
     """The status a client gets for an error raised while serving its request.
 
@@ -111,12 +129,13 @@ def status_for(error: BaseException, request_id: str) -> Status:
         request_id: The request's id, quoted in INTERNAL messages so logs can be matched.
 
     Returns:
-        The code and a message that says what to fix (or, for INTERNAL, whom to tell).
+        The code and a message that says what to fix (or, for INTERNAL, whom to tell), at
+        most MAX_MESSAGE_CHARS long.
     """
     for error_type, code in _CODES:
         if isinstance(error, error_type):
             if isinstance(error, RequestError):
-                return Status(code, str(error))
+                return Status(code, client_message(str(error)))
             return Status(code, _CLIENT_MESSAGES[error_type])
     if isinstance(error, BackendFailed):
         return Status(

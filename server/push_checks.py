@@ -45,7 +45,9 @@ def rename_model(directory: Path, name: str) -> None:
     path = directory / CONFIG_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    # ValueError: undecodable, not JSON, or an int beyond Python's 4300-digit limit;
+    # RecursionError: nesting deeper than the interpreter's recursion limit.
+    except (ValueError, RecursionError) as error:
         raise PushRejected("config", f"{CONFIG_FILE} is not valid JSON ({error})") from None
     if not isinstance(data, dict):
         raise PushRejected("config", f"{CONFIG_FILE} must hold a JSON object")

@@ -9,6 +9,7 @@ have passed shape, size and finiteness checks.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from flowserve.modeldir import ModelConfig
 from protos.flowserve.v1 import flowserve_pb2 as pb
 from server import codec
 from server.config import LimitsConfig
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, ModelNotFound
 from server.wire_names import (
     ESTIMATOR_NAMES,
     ODE_SOLVER_ENUMS,
@@ -79,6 +80,26 @@ def check_model_name(name: str) -> str:
     """Require a model name; an unknown one is the store's NOT_FOUND, not ours."""
     if not name:
         raise InvalidArgument("model", "is required (ListModels names the served models)")
+    return name
+
+
+# The names a stored model can have (flowserve.modeldir's rule for model names).
+_STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_store_name(name: str) -> str:
+    """Require a name that a model in the store can have, before it reaches the filesystem.
+
+    A fuzzed SetServingVersion for a 300-character name was INTERNAL: `Path.is_dir()` raises
+    OSError (ENAMETOOLONG) beyond the OS's 255-byte file name limit.
+
+    Raises:
+        ModelNotFound: no model in the store can have this name.
+    """
+    if not _STORE_NAME.fullmatch(name):
+        raise ModelNotFound(
+            f"model {name!r} is not in the store (model names match {_STORE_NAME.pattern})"
+        )
     return name
 
 

@@ -146,6 +146,9 @@ def test_spec_round_trips_and_predicts_its_shapes(spec: NetSpec) -> None:
         ("time_mlp", {"dim": 2, "hidden": 2.5}, "hidden"),
         ("time_mlp", {"dim": True}, "dim"),
         ("conv_unet8", {"num_classes": -1}, "num_classes"),
+        # Untrusted config.json: a net of depth 10**6 must be refused before it is built.
+        ("time_mlp", {"dim": 2, "depth": 10**6}, "depth.*<= 256"),
+        ("conv_unet8", {"width": 1 << 20}, "width.*<= 4096"),
     ],
 )
 def test_bad_specs_name_the_argument(kind: str, kwargs: dict[str, object], needle: str) -> None:
