@@ -188,7 +188,8 @@ def create_server(config: ServerConfig) -> tuple[FlowServer, int]:
         config.limits.exact_max_dimension,
         config.engine.device,
     )
-    if config.admin.token is not None:
+    # Clear what a crashed push left behind even when pushes are now off (no admin token).
+    if config.admin.token is not None or lifecycle.staging_root.exists():
         lifecycle.prepare_staging()
     metrics.track_engine(engine.stats)
     admission = Admission()

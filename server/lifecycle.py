@@ -331,6 +331,17 @@ class ModelLifecycle:
             for candidate in candidates:
                 directory = model_dir / str(candidate)
                 if current is not None and current.version == candidate:
+                    # Serving from memory says nothing about the files, and the pin is what a
+                    # restart loads: a version whose files were deleted or corrupted since it
+                    # was loaded would take the model out of service at the next start.
+                    try:
+                        load_model_dir(directory, verify=self._store_config.verify)
+                    except ModelDirError as error:
+                        failures.append(
+                            f"{name} version {candidate} serves from memory but its files no "
+                            f"longer load: {error}"
+                        )
+                        continue
                     entry = current
                 else:
                     try:
