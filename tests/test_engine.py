@@ -16,7 +16,7 @@ import torch
 from flows.paths import VPPath
 from flows.reference import gaussian_linear_velocity
 from flows.solvers import ODE_SOLVERS, sample, sample_gaussian_sde
-from server.engine import EngineConfig, Progress, SampleJob, SampleResult
+from server.engine import Engine, EngineConfig, JobHandle, Progress, SampleJob, SampleResult
 from tests.test_engine_support import (
     WAIT_SECONDS,
     FunctionBackend,
@@ -24,6 +24,7 @@ from tests.test_engine_support import (
     make_model,
     running_engine,
     seeded_noise,
+    wait_until,
     with_backend,
 )
 
@@ -255,3 +256,54 @@ def test_impossible_jobs_raise_value_error_naming_the_argument(
     fields.update(change)
     with running_engine(start=False) as engine, pytest.raises(ValueError, match=message):
         engine.submit(SampleJob(**fields))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4", "euler_maruyama"])
+def test_jobs_arriving_mid_run_join_the_running_group_and_match_their_references(
+    solver: str,
+) -> None:
+    # Requests arriving one by one (the serving pattern) must not each form a group of their
+    # own: at a step boundary they join the running group, their rows starting their own step
+    # 0 there. Arrivals are submitted from inside network calls 2, 3 and 7: for Euler that is
+    # always a step boundary; multi-stage solvers may be mid-step, and then the arrivals wait
+    # for a boundary or found a group of their own. Every result must be its flows reference.
+    model, loaded = make_model(num_classes=3)
+    engines: list[Engine] = []
+    groups_seen: list[int] = []
+    handles: list[JobHandle] = []
+
+    def backend(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        engine = engines[0]
+        lanes = engine._sample_lanes.values()  # white-box: how many groups share the lane
+        groups_seen.append(sum(len(lane.groups) for lane in lanes))
+        for job in arrivals.get(len(groups_seen), []):
+            handles.append(engine.submit(job))
+        return model.backend(x, t, labels)
+
+    watched = with_backend(model, FunctionBackend(backend))
+    founder = SampleJob(watched, 2, 12, solver, seed=0)
+    arrivals = {
+        2: [SampleJob(watched, 1, 5, solver, seed=1, class_labels=torch.tensor([2]))],
+        3: [SampleJob(watched, 3, 12, solver, seed=2), SampleJob(watched, 1, 1, solver, seed=3)],
+        7: [SampleJob(watched, 2, 9, solver, seed=4, trajectory_every=4)],
+    }
+    jobs = [founder, *(job for batch in arrivals.values() for job in batch)]
+    with running_engine() as engine:
+        engines.append(engine)
+        handles.append(engine.submit(founder))
+        assert wait_until(lambda: len(handles) == len(jobs))
+        results = [h.future.result(WAIT_SECONDS) for h in handles]
+    for job, result in zip(jobs, results, strict=True):
+        velocity_fn = loaded.velocity_fn(job.class_labels)
+        generator = torch.Generator("cpu").manual_seed(job.seed or 0)
+        x_0 = torch.randn((job.num_samples, 2), generator=generator)
+        if solver == "euler_maruyama":
+            path = model.config.gaussian_path
+            expected = sample_gaussian_sde(velocity_fn, x_0, job.num_steps, path, generator)
+        else:
+            expected = sample(velocity_fn, x_0, job.num_steps, solver)
+        torch.testing.assert_close(result.samples, expected, atol=BATCH_TOL, rtol=0)
+    assert len(results[-1].trajectory) == 2  # after steps 4 and 8 of 9
+    if solver == "euler":
+        # One stage a step: every call ends at a step boundary, so every arrival joins.
+        assert max(groups_seen) == 1

@@ -29,7 +29,10 @@ class EngineConfig:
             a GPU graph can be captured once per bucket. The largest must be at least
             `max_rows_per_call`.
         fill_wait_seconds: How long an idle loop waits after the first arrival for more requests
-            before it makes its first call.
+            before it makes its first call. 0 by default: under step-level batching a request
+            that arrives later joins the running rows at the next step, so waiting would only
+            add latency. Request-level batching wants a few milliseconds here, as a dynamic
+            batcher's queue delay.
         max_rows_in_flight: Admitted rows being integrated at once; the rest wait in the queue.
         max_rows_queued: Rows waiting for admission; a submit() beyond it raises QueueFull at once.
         policy: "step" (step-level continuous batching: requests join and leave between network
@@ -40,7 +43,7 @@ class EngineConfig:
 
     max_rows_per_call: int = 4096
     batch_buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    fill_wait_seconds: float = 0.002
+    fill_wait_seconds: float = 0.0
     max_rows_in_flight: int = 65536
     max_rows_queued: int = 262144
     policy: str = "step"

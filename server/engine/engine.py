@@ -395,6 +395,10 @@ class Engine:
                 solver = first.job.solver
                 tableau = TABLEAUS.get(solver)
                 sample_lane = self._sample_lane(first)
+                joinable = self._joinable(sample_lane, solver, first.width)
+                if joinable is not None:
+                    joinable.join(records)
+                    continue
                 sample_lane.add(
                     SampleGroup(
                         records,
@@ -412,6 +416,23 @@ class Engine:
                         records, TABLEAUS[first.job.solver], updater, self._device, first.math
                     )
                 )
+
+    def _joinable(self, lane: SampleLane, solver: str, width: int) -> SampleGroup | None:
+        """A running group of `lane` that new jobs with this solver and width may join.
+
+        Only under step-level batching: request-level batching must keep whole requests apart.
+        """
+        if self.config.policy != "step":
+            return None
+        for group in lane.groups:
+            if (
+                isinstance(group, SampleGroup)
+                and group.can_join()
+                and group.width == width
+                and group.records[0].job.solver == solver
+            ):
+                return group
+        return None
 
     def _sample_lane(self, record: JobRecord) -> SampleLane:
         key = _lane_key(record)
@@ -499,7 +520,7 @@ class Engine:
                 del self._likelihood_lanes[key]
 
     def _report_progress(self, group: RowGroup, record: JobRecord) -> None:
-        steps_done = group.step
+        steps_done = group.steps_done(record)
         if record.state != _RUNNING or steps_done > record.num_steps:
             return
         every = int(getattr(record.job, "trajectory_every", 0))

@@ -1,10 +1,13 @@
 """Row groups: the rows of jobs that move in lockstep, with their solver state.
 
 Jobs admitted in the same iteration, on the same model, with the same solver (and, for sampling,
-the same guided-or-not width) share one group: their rows sit at the same step index and solver
-stage, so the group keeps one state tensor `(rows, *sample_shape)` and the loop pays Python
-overhead per group, not per row. Jobs in a group may differ in step count (one dt per row) and
-leave it when their last step is done, when cancelled, or when they fail.
+the same guided-or-not width) share one group: their rows sit at the same solver stage, so the
+group keeps one state tensor `(rows, *sample_shape)` and the loop pays Python overhead per group,
+not per row. Jobs in a group may differ in step count (one dt per row) and leave it when their
+last step is done, when cancelled, or when they fail. A sampling group at a step boundary also
+takes in newly admitted jobs (`SampleGroup.join`): their rows start their own step 0 there, with
+their own time per row. Without that, requests arriving one by one would each form a group of
+one row, and the loop's Python work per group would cost more than the network call.
 
 A stage is evaluated in one or more network calls ("chunks"): rows `[0, filled)` have their
 stage result, rows `[filled, rows)` still need it. When the last chunk lands the group advances
@@ -13,6 +16,7 @@ by the tableau: the next stage's input, or the step's result.
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -84,7 +88,7 @@ class RowGroup(ABC):
         self.rows = 0
         self._assign(list(records))
         # Pending finishers, sorted so the soonest is last (popped in O(1) per step).
-        self._finish_order = sorted(self.records, key=lambda r: -r.num_steps)
+        self._finish_order = sorted(self.records, key=_last_step, reverse=True)
 
     def _assign(self, records: list[JobRecord]) -> None:
         offset = 0
@@ -101,14 +105,18 @@ class RowGroup(ABC):
     def due(self) -> list[JobRecord]:
         """Jobs whose last step is done (call after STEP_DONE)."""
         finished: list[JobRecord] = []
-        while self._finish_order and self._finish_order[-1].num_steps <= self.step:
+        while self._finish_order and _last_step(self._finish_order[-1]) <= self.step:
             finished.append(self._finish_order.pop())
         return finished
+
+    def steps_done(self, record: JobRecord) -> int:
+        """Steps `record` has completed in this group."""
+        return self.step - record.joined_at
 
     def remaining_evaluations(self, record: JobRecord) -> int:
         """Network evaluations still owed to `record` by this group (per network row)."""
         per_row = record.width
-        done_stages = self.step * self.num_stages + self.stage
+        done_stages = self.steps_done(record) * self.num_stages + self.stage
         owed = (record.num_steps * self.num_stages - done_stages) * record.rows * per_row
         filled_here = min(max(self.filled - record.start, 0), record.rows)
         return max(owed - filled_here * per_row, 0)
@@ -174,6 +182,7 @@ class SampleGroup(RowGroup):
         self.labels = torch.cat([r.labels for r in self.records]).to(device)
         self.null_labels: Tensor | None = None
         self.scale: Tensor | None = None
+        self._null_label = null_label
         if self.width == 2:
             self.null_labels = torch.full_like(self.labels, null_label)
             self.scale = torch.cat(
@@ -183,6 +192,46 @@ class SampleGroup(RowGroup):
         self.watchers = [r for r in self.records if r.on_progress or _trajectory_every(r)]
         self.ks: list[Tensor] = []
         self._k_buf: Tensor | None = None
+        # Group step at which each row joined, float64 `(rows,)`; None while every row is a
+        # founder (joined at step 0), which keeps the common case on the cheaper path.
+        self._joined64: Tensor | None = None
+        self._start_step()
+
+    def can_join(self) -> bool:
+        """True at a step boundary: no stage is half evaluated, so new rows can start here."""
+        return self.rows > 0 and self.stage == 0 and self.filled == 0
+
+    def join(self, records: Sequence[JobRecord]) -> None:
+        """Take in newly admitted jobs (same model, solver and width); they start at step 0.
+
+        Their rows are appended: the existing rows keep their state bit for bit, and each new
+        row runs exactly the steps and times a group of its own would run.
+        """
+        assert self.can_join() and records
+        records = list(records)
+        for record in records:
+            record.joined_at = self.step
+        new_rows = sum(r.rows for r in records)
+        float64 = torch.float64
+        founders = self._joined64
+        if founders is None:
+            founders = torch.zeros(self.rows, dtype=float64, device=self.device)
+        arrivals = torch.full((new_rows,), float(self.step), dtype=float64, device=self.device)
+        self._joined64 = torch.cat([founders, arrivals])
+        self.x = torch.cat([self.x, *(r.x_start.to(self.device) for r in records)])
+        self.labels = torch.cat([self.labels, *(r.labels.to(self.device) for r in records)])
+        if self.null_labels is not None and self.scale is not None:
+            null = torch.full((new_rows,), self._null_label, dtype=torch.int64, device=self.device)
+            self.null_labels = torch.cat([self.null_labels, null])
+            scale = [torch.full((r.rows,), float(_guidance(r))) for r in records]
+            self.scale = torch.cat([self.scale, *(s.to(self.device) for s in scale)])
+        _, new_dt64 = step_sizes(records, 1.0, self.device)
+        self._dt64 = torch.cat([self._dt64, new_dt64])
+        self.dt = _uniform_or_rows(self._dt64, {r.num_steps for r in self.records + records})
+        self._assign(self.records + records)
+        for record in records:
+            bisect.insort(self._finish_order, record, key=lambda r: -_last_step(r))
+        self.watchers += [r for r in records if r.on_progress or _trajectory_every(r)]
         self._start_step()
 
     @property
@@ -191,8 +240,11 @@ class SampleGroup(RowGroup):
         return self._t_step
 
     def _start_step(self) -> None:
-        # Same arithmetic as flows.solvers.sample: t = step * dt in float64, then float32.
-        if isinstance(self.dt, Tensor):
+        # Same arithmetic as flows.solvers.sample: t = step * dt in float64, then float32, where
+        # step counts each row's own steps (a joined row started later than the founders).
+        if self._joined64 is not None:
+            t = ((self.step - self._joined64) * self._dt64).to(torch.float32)
+        elif isinstance(self.dt, Tensor):
             t = (self.step * self._dt64).to(torch.float32)
         else:
             t = torch.full(
@@ -276,6 +328,8 @@ class SampleGroup(RowGroup):
         if isinstance(self.dt, Tensor):
             self.dt = self.dt.index_select(0, index)
         self._dt64 = self._dt64.index_select(0, index)
+        if self._joined64 is not None:
+            self._joined64 = self._joined64.index_select(0, index)
         self.ks = [k.index_select(0, index) for k in self.ks]
         if self._k_buf is not None:
             self._k_buf = self._k_buf.index_select(0, index)
@@ -291,6 +345,18 @@ class SampleGroup(RowGroup):
     def result(self, record: JobRecord) -> Tensor:
         """The current x of `record`'s rows on the CPU, `(rows, *sample_shape)`."""
         return self.x[record.start : record.stop].to("cpu", copy=True)
+
+
+def _last_step(record: JobRecord) -> int:
+    """The group step after which `record` is done."""
+    return record.joined_at + record.num_steps
+
+
+def _uniform_or_rows(dt64: Tensor, counts: set[int]) -> float | Tensor:
+    """dt as the updates use it: one float when every row has the same step count."""
+    if len(counts) == 1:
+        return 1.0 / counts.pop()
+    return dt64.float()
 
 
 def _guidance(record: JobRecord) -> float:

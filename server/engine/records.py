@@ -100,6 +100,7 @@ class JobRecord:
         start: First row of the job in its row group (set by the group).
         stop: One past its last row in its row group.
         group: The row group holding the job's rows while running.
+        joined_at: The group's step count when the job's rows joined it (0 for its founders).
         state: "new", "queued", "running", "held" (finished, answer not yet released) or
             "done"; only the loop thread moves it past "queued".
     """
@@ -125,6 +126,7 @@ class JobRecord:
     start: int = 0
     stop: int = 0
     group: object | None = None
+    joined_at: int = 0
     state: str = "new"
 
     @property
