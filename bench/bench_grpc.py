@@ -26,8 +26,7 @@ import grpc
 import torch
 
 from bench.common import Measurement, best_of_interleaved, print_table
-from flows.nets import NetSpec, build_net
-from flowserve.modeldir import ModelConfig, write_model_dir
+from bench.report_model import DEPTH, HIDDEN, MODEL, write_bench_store
 from protos.flowserve.v1 import flowserve_pb2 as pb
 from protos.flowserve.v1 import flowserve_pb2_grpc as pb_grpc
 from server.app import FlowServer, create_server
@@ -35,29 +34,10 @@ from server.client import generator_stub
 from server.config import load_config
 from server.engine import SampleJob, ServedModel
 
-MODEL = "bench-mlp"
-HIDDEN, DEPTH, DIM = 256, 4, 2
 BIG_SAMPLES, BIG_STEPS = 10_000, 100
 SMALL_STEPS, LATENCY_REQUESTS = 50, 200
 SOLVER = "heun"
 TIMEOUT = 600.0
-
-
-def write_store(root: Path) -> Path:
-    """A store holding the benchmark network as `bench-mlp` version 1."""
-    torch.manual_seed(0)
-    config = ModelConfig(
-        name=MODEL,
-        architecture=NetSpec("time_mlp", {"dim": DIM, "hidden": HIDDEN, "depth": DEPTH}),
-        sample_shape=(DIM,),
-        parameterization="velocity",
-        path={"kind": "linear"},
-        num_classes=0,
-        default_solver=SOLVER,
-        default_num_steps=BIG_STEPS,
-    )
-    write_model_dir(root / MODEL / "1", config, build_net(config.architecture).state_dict())
-    return root
 
 
 def start_server(store: Path) -> FlowServer:
@@ -110,7 +90,8 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     """Run both scenarios and print the ratios."""
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(write_store(Path(tmp)))
+        write_bench_store(Path(tmp))
+        server = start_server(Path(tmp))
         model = server.store.get(MODEL).model
         try:
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -64,16 +64,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import queue
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -87,6 +83,7 @@ import torch
 from google.protobuf.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.server_process import FlowserveProcess
 from flows.nets import NetSpec, build_net
 from flowserve.modeldir import ModelConfig, write_model_dir
 from protos.flowserve.v1 import flowserve_pb2 as pb
@@ -95,7 +92,6 @@ from protos.inference import grpc_predict_v2_pb2 as oip
 from protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from server.client import MAX_MESSAGE_BYTES, generator_stub
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SECONDS = 180.0
 MIN_SECONDS = 10.0
 CLIENT_THREADS = 6
@@ -114,8 +110,6 @@ THREAD_GROWTH_BOUND = 4
 
 # Every wait is bounded: the server's start (models load and warm up first), its drain, each
 # call, each scrape, and the client threads (no call outlives VALID_TIMEOUT).
-START_TIMEOUT = 120.0
-STOP_TIMEOUT = 60.0
 VALID_TIMEOUT = 60.0
 SCRAPE_TIMEOUT = 5.0
 JOIN_SLACK = VALID_TIMEOUT + 30.0
@@ -191,92 +185,6 @@ def write_store(root: Path) -> Path:
 # ----------------------------------------------------------------------------- the server
 
 
-class ServerProcess:
-    """`python -m server serve` in a child process: its pid, ports and log.
-
-    Reads the `flowserve listening on HOST:PORT`, `flowserve metrics on URL` and
-    `flowserve ready` lines the server prints on stdout (the parsing tests/conftest.py uses).
-    """
-
-    def __init__(self, store: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
-        # One torch thread: the machine is shared with the client threads; OMP likewise.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        args = [
-            *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"),
-            *("--store", str(store), "--torch-threads", "1"),
-            *("--grace-seconds", str(GRACE_SECONDS)),
-        ]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        try:
-            self.target = self.wait_for_line("flowserve listening on ").rsplit(" ", 1)[1]
-            self.metrics_url = self.wait_for_line("flowserve metrics on ").rsplit(" ", 1)[1]
-            self.wait_for_line("flowserve ready")
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def pid(self) -> int:
-        """The server's process id."""
-        return self.process.pid
-
-    def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self._lines.put(line.rstrip("\n"))
-
-    def wait_for_line(self, prefix: str, timeout: float = START_TIMEOUT) -> str:
-        """The next stdout line starting with `prefix` (bounded wait)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self._lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if line.startswith(prefix):
-                return line
-        raise RuntimeError(
-            f"the server did not print {prefix!r} (exit {self.process.poll()}); "
-            f"log:\n{self.log()[-4000:]}"
-        )
-
-    def log(self) -> str:
-        """The server's stderr so far."""
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def scrape(self) -> str:
-        """One /metrics page (bounded wait)."""
-        with urllib.request.urlopen(self.metrics_url, timeout=SCRAPE_TIMEOUT) as response:
-            return str(response.read().decode())
-
-    def stop(self) -> int:
-        """SIGTERM (graceful drain), then wait for the exit status; kill if it hangs."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait(timeout=10)
-        self._log.close()
-        return code
-
-
 # ----------------------------------------------------------------------------- measurements
 
 
@@ -316,7 +224,7 @@ def metric_values(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     ]
 
 
-def look_at(server: ServerProcess, since: float) -> ProcessSample:
+def look_at(server: FlowserveProcess, since: float) -> ProcessSample:
     """RSS, descriptors and threads from /proc, then the queue gauge from /metrics.
 
     /proc is read before the scrape so that the scrape's own socket and thread are not counted.
@@ -326,7 +234,7 @@ def look_at(server: ServerProcess, since: float) -> ProcessSample:
         rss_mb, threads = parse_proc_status(status.read())
     fds = len(os.listdir(f"/proc/{server.pid}/fd"))
     try:
-        rows = metric_values(server.scrape(), "flowserve_queue_rows")
+        rows = metric_values(server.scrape(SCRAPE_TIMEOUT), "flowserve_queue_rows")
         queue_rows = rows[0][1] if rows else math.nan
     except OSError:
         queue_rows = math.nan
@@ -1085,7 +993,9 @@ def sample_period(seconds: float) -> float:
 
 
 @contextmanager
-def sampling(server: ServerProcess, since: float, period: float) -> Iterator[list[ProcessSample]]:
+def sampling(
+    server: FlowserveProcess, since: float, period: float
+) -> Iterator[list[ProcessSample]]:
     """Sample the server every `period` seconds in a thread while the block runs."""
     samples: list[ProcessSample] = []
     stop = threading.Event()
@@ -1124,7 +1034,7 @@ class Load:
     tallies: tuple[Tally, ...]
 
 
-def run_load(server: ServerProcess, connections: Sequence[Clients], seconds: float) -> Load:
+def run_load(server: FlowserveProcess, connections: Sequence[Clients], seconds: float) -> Load:
     """One client thread per connection, plus one that reconnects, for `seconds`, sampled."""
     tallies = tuple(Tally() for _ in range(len(connections) + 1))
     start = time.monotonic()
@@ -1158,7 +1068,10 @@ def run_soak(seconds: float, plot: Path | None, client_threads: int = CLIENT_THR
     wall_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flowserve-soak-") as tmp:
         store = write_store(Path(tmp) / "store")
-        server = ServerProcess(store, Path(tmp) / "server.log")
+        # One torch thread: the machine is shared with the client threads.
+        server = FlowserveProcess(
+            store, {"grpc": {"grace_seconds": GRACE_SECONDS}}, torch_threads=1
+        )
         try:
             with ExitStack() as connections:
                 # The steady connections stay open until the sample at rest has counted them.
@@ -1171,6 +1084,8 @@ def run_soak(seconds: float, plot: Path | None, client_threads: int = CLIENT_THR
                 page = server.scrape()
         finally:
             exit_code = server.stop()
+        if exit_code is None:  # stop() waits for the exit, so this means a bug
+            raise RuntimeError("the server did not report an exit status")
         errors = log_errors(server.log())
     if not load.samples:
         raise RuntimeError("no sample of the server process was taken")

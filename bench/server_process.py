@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +70,7 @@ class FlowserveProcess:
         self._log_path = tmp / "server.log"
         self._log = self._log_path.open("w")
         self._lines: list[str] = []
+        self._final_log: str | None = None
         self._cond = threading.Condition()
         self.process = subprocess.Popen(
             [
@@ -140,12 +142,23 @@ class FlowserveProcess:
         return self.process.pid
 
     def log(self) -> str:
-        """The server's stderr so far."""
+        """The server's stderr so far (all of it, once stopped)."""
+        if self._final_log is not None:
+            return self._final_log
         self._log.flush()
-        return self._log_path.read_text()
+        return self._log_path.read_text(errors="replace")
+
+    def scrape(self, timeout: float = 10.0) -> str:
+        """One page of the server's /metrics (its metrics endpoint must be enabled)."""
+        if self.metrics_url is None:
+            raise RuntimeError("the server was started with its metrics endpoint disabled")
+        with urllib.request.urlopen(self.metrics_url, timeout=timeout) as response:
+            return str(response.read().decode())
 
     def stop(self) -> int | None:
-        """SIGTERM, a bounded wait, then SIGKILL; returns the exit status."""
+        """SIGTERM, a bounded wait, then SIGKILL; returns the exit status. Idempotent."""
+        if self._final_log is not None:
+            return self.process.returncode
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -153,6 +166,7 @@ class FlowserveProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait(timeout=10)
+        self._final_log = self.log()  # kept: the directory holding the log goes now
         self._log.close()
         self._tmp.cleanup()
         return code
