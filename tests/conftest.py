@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +92,16 @@ def build_tiny_store(root: Path) -> Path:
     )
     _write_model(root, "toyvp", 1, toyvp, seed=5)
     return root
+
+
+def poll_until(condition: Callable[[], bool], what: str, timeout: float) -> None:
+    """Wait until `condition()` holds, checking every 50 ms; fail naming `what` after `timeout`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class ServerProcess:

@@ -37,7 +37,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -59,7 +60,7 @@ from server.config import load_config
 from server.engine import Backend
 from server.push_client import admin_metadata, push_chunks
 from server.store import SERVING_FILE
-from tests.conftest import REPO_ROOT, ServerProcess
+from tests.conftest import REPO_ROOT, ServerProcess, poll_until
 
 Code = grpc.StatusCode
 TIMEOUT = 60.0  # gRPC deadline of every call
@@ -69,13 +70,8 @@ TOKEN = "faults-admin-token-0123456789"
 TOLERANCE = 1e-4
 
 
-def poll(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+# Every wait is bounded; the shared helper names what it waited for when it gives up.
+poll = partial(poll_until, timeout=WAIT)
 
 
 def seeded_noise(rows: int, dim: int, seed: int) -> Tensor:
@@ -386,7 +382,7 @@ def test_a_killed_client_process_frees_its_rows(busy_server: ServerProcess) -> N
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(client.stdout or ()), daemon=True)
         reader.start()
-        poll(lambda: "admitted\n" in lines, "the client's stream to be admitted", TIMEOUT)
+        poll(lambda: "admitted\n" in lines, "the client's stream to be admitted", timeout=TIMEOUT)
         # Its rows are in the engine (a first progress event means admitted, not queued).
         poll(lambda: busy_server.metric("flowserve_queue_rows") == 1024, "the rows to show")
         client.send_signal(signal.SIGKILL)

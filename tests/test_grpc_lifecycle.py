@@ -9,8 +9,8 @@ cancelled or expired request leave `flowserve_queue_rows` and
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from flows.solvers import sample
 from flowserve.modeldir import load_model_dir
 from protos.flowserve.v1 import flowserve_pb2 as pb
 from protos.flowserve.v1 import flowserve_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, poll_until
 
 TIMEOUT = 60.0
 WAIT = 15.0  # bound on every poll
@@ -33,13 +33,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = pb.SampleRequest(model="toy2d", num_samples=1024, num_steps=1000, solver=pb.RK4)
 
 
-def poll(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+# Every wait is bounded; the shared helper names what it waited for when it gives up.
+poll = partial(poll_until, timeout=WAIT)
 
 
 ADMIN_TOKEN = "lifecycle-admin-token-0123456789"

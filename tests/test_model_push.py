@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -30,7 +31,7 @@ from flowserve.modeldir import ModelConfig, build_net, sha256_file, write_model_
 from protos.flowserve.v1 import flowserve_pb2 as pb
 from protos.flowserve.v1 import flowserve_pb2_grpc as pb_grpc
 from server.push_client import admin_metadata, admin_stub, push_chunks
-from tests.conftest import REPO_ROOT, ServerProcess
+from tests.conftest import REPO_ROOT, ServerProcess, poll_until
 
 Code = grpc.StatusCode
 TOKEN = "push-test-token-0123456789"
@@ -172,13 +173,8 @@ def serving_version(stub: pb_grpc.GeneratorStub, name: str) -> int:
     return int(info.serving_version)
 
 
-def poll(condition: Callable[[], bool], what: str, timeout: float = ADOPT_TIMEOUT_SECONDS) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+# Every wait is bounded; the shared helper names what it waited for when it gives up.
+poll = partial(poll_until, timeout=ADOPT_TIMEOUT_SECONDS)
 
 
 def test_a_good_push_is_stored_and_served(

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -40,7 +41,7 @@ from protos.flowserve.v1 import flowserve_pb2_grpc as pb_grpc
 from protos.inference import grpc_predict_v2_pb2 as oip
 from protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from server.engine.engine import IDLE_TRIM_SECONDS
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, poll_until
 
 Code = grpc.StatusCode
 MODEL, DIM = "toy2d", 2
@@ -71,13 +72,8 @@ RSS_SLACK_BYTES = 20 * 2**20
 LATENCY_FACTOR = 3.0
 
 
-def poll(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+# Every wait is bounded; the shared helper names what it waited for when it gives up.
+poll = partial(poll_until, timeout=WAIT)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.flowserve.v1 import flowserve_pb2 as pb
 from protos.flowserve.v1 import flowserve_pb2_grpc as pb_grpc
 from server.app import LIVENESS_HEALTH_NAME
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, poll_until
 
 TIMEOUT = 30.0
 SERVICE_CONFIG = {
@@ -49,13 +50,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def poll(check: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+# Every wait is bounded; the shared helper names what it waited for when it gives up.
+poll = partial(poll_until, timeout=TIMEOUT)
 
 
 @pytest.fixture
