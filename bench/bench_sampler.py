@@ -34,6 +34,10 @@ NOISE_FLOOR = 0.97
 MAX_NOISE = 0.10
 
 
+TimeNet = Callable[[Tensor, Tensor], Tensor]
+"""A velocity net as these loops call it: `(x (batch, dim), t (1,)) -> v`."""
+
+
 class TimeConcatMLP(nn.Module):
     """Velocity MLP: 4 hidden SiLU layers of `hidden` units on [x, t]."""
 
@@ -58,7 +62,7 @@ class TimeConcatMLP(nn.Module):
         return out
 
 
-def eager_loop(net: nn.Module, x0: Tensor, steps: int) -> Tensor:
+def eager_loop(net: TimeNet, x0: Tensor, steps: int) -> Tensor:
     """The baseline: the plainest correct Euler loop (one shared time per step)."""
     with torch.no_grad():
         x, dt = x0.clone(), 1.0 / steps
@@ -68,7 +72,7 @@ def eager_loop(net: nn.Module, x0: Tensor, steps: int) -> Tensor:
     return x
 
 
-def peer_variants(net: nn.Module, x0: Tensor, steps: int) -> dict[str, Callable[[], Tensor]]:
+def peer_variants(net: TimeNet, x0: Tensor, steps: int) -> dict[str, Callable[[], Tensor]]:
     """flow_matching and torchdiffeq Euler samplers on the same network, where installed."""
     variants: dict[str, Callable[[], Tensor]] = {}
     grid = torch.tensor([0.0, 1.0])

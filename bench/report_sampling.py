@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bench.bench_sampler import eager_loop, peer_variants
 from bench.common import best_of_interleaved
 from bench.report_model import DIM, MODEL, noise
 from flows.solvers import sample
@@ -51,60 +52,10 @@ class SamplingResult:
 Sampler = Callable[[Tensor], Tensor]
 
 
-def _eager_loop(loaded: LoadedModel) -> Sampler:
-    net = loaded.net
-
-    def run(x0: Tensor) -> Tensor:
-        with torch.no_grad():
-            x, dt = x0.clone(), 1.0 / STEPS
-            labels = torch.zeros(x0.shape[0], dtype=torch.int64)
-            for i in range(STEPS):
-                x = x + dt * net(x, torch.full((x0.shape[0],), i * dt), labels)
-        return x
-
-    return run
-
-
-def _flows(loaded: LoadedModel) -> Sampler:
-    velocity = loaded.velocity_fn()
-    return lambda x0: sample(velocity, x0, STEPS, "euler")
-
-
-def _flow_matching(loaded: LoadedModel) -> Sampler:
-    from flow_matching.solver import ODESolver
-
-    velocity = loaded.velocity_fn()
-    solver = ODESolver(velocity_model=lambda x, t: velocity(x, t.expand(x.shape[0])))
-    grid = torch.tensor([0.0, 1.0])
-
-    def run(x0: Tensor) -> Tensor:
-        with torch.no_grad():
-            out: Tensor = solver.sample(
-                x_init=x0, step_size=1.0 / STEPS, method="euler", time_grid=grid
-            )
-        return out
-
-    return run
-
-
-def _torchdiffeq(loaded: LoadedModel) -> Sampler:
-    from torchdiffeq import odeint
-
-    velocity = loaded.velocity_fn()
-    grid = torch.tensor([0.0, 1.0])
-
-    def run(x0: Tensor) -> Tensor:
-        with torch.no_grad():
-            out: Tensor = odeint(
-                lambda t, x: velocity(x, t.expand(x.shape[0])),
-                x0,
-                grid,
-                method="euler",
-                options={"step_size": 1.0 / STEPS},
-            )
-        return out[-1]
-
-    return run
+def _time_column_net(loaded: LoadedModel, rows: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loaded net as bench.bench_sampler's loops call a net: `(x, t of shape (1,)) -> v`."""
+    labels = torch.zeros(rows, dtype=torch.int64)  # ignored by the unconditional net
+    return lambda x, t: loaded.net(x, t.reshape(-1).expand(rows), labels)
 
 
 def _engine(engine: Engine, model: ServedModel) -> Sampler:
@@ -132,6 +83,22 @@ def _grpc(channel: grpc.Channel) -> Sampler:
     return run
 
 
+def _variants(
+    loaded: LoadedModel, engine: Engine, model: ServedModel, grpc_run: Sampler, x0: Tensor
+) -> dict[str, Callable[[], Tensor]]:
+    """Every variant, bound to this batch's noise; the in-process peers are bench_sampler's."""
+    net = _time_column_net(loaded, x0.shape[0])
+    velocity = loaded.velocity_fn()
+    engine_run = _engine(engine, model)
+    return {
+        BASELINE: lambda: eager_loop(net, x0, STEPS),
+        "flows.solvers.sample": lambda: sample(velocity, x0, STEPS, "euler"),
+        **peer_variants(net, x0, STEPS),
+        "flowserve engine (in-process)": lambda: engine_run(x0),
+        GRPC: lambda: grpc_run(x0),
+    }
+
+
 def measure_sampling(
     loaded: LoadedModel, target: str, batch_sizes: tuple[int, ...] = BATCH_SIZES, rounds: int = 3
 ) -> SamplingResult:
@@ -142,36 +109,33 @@ def measure_sampling(
     engine.start()
     try:
         with grpc.insecure_channel(target) as channel:
-            variants: dict[str, Sampler] = {
-                BASELINE: _eager_loop(loaded),
-                "flows.solvers.sample": _flows(loaded),
-                "flow_matching ODESolver": _flow_matching(loaded),
-                "torchdiffeq odeint": _torchdiffeq(loaded),
-                "flowserve engine (in-process)": _engine(engine, model),
-                GRPC: _grpc(channel),
-            }
-            return _measure(variants, batch_sizes, rounds)
+            grpc_run = _grpc(channel)
+            return _measure(
+                lambda x0: _variants(loaded, engine, model, grpc_run, x0), batch_sizes, rounds
+            )
     finally:
         engine.shutdown()
 
 
 def _measure(
-    variants: dict[str, Sampler], batch_sizes: tuple[int, ...], rounds: int
+    variants_for: Callable[[Tensor], dict[str, Callable[[], Tensor]]],
+    batch_sizes: tuple[int, ...],
+    rounds: int,
 ) -> SamplingResult:
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    diffs = dict.fromkeys(variants, 0.0)
+    rates: dict[str, list[float]] = {}
+    diffs: dict[str, float] = {}
     for batch in batch_sizes:
-        x0 = noise(batch, seed=batch)
+        variants = variants_for(noise(batch, seed=batch))
         # Small batches finish in milliseconds: repeat them so each timing spans ~64 samples.
         repeats = max(1, 64 // batch)
-        reference = variants[BASELINE](x0)
+        reference = variants[BASELINE]()
         for name, run in variants.items():
-            diffs[name] = max(diffs[name], (run(x0) - reference).abs().max().item())
+            diffs[name] = max(diffs.get(name, 0.0), (run() - reference).abs().max().item())
         seconds = best_of_interleaved(
-            [_repeated(run, x0, repeats) for run in variants.values()], reps=rounds, warmup=1
+            [_repeated(run, repeats) for run in variants.values()], reps=rounds, warmup=1
         )
         for name, elapsed in zip(variants, seconds, strict=True):
-            rates[name].append(batch * repeats / elapsed)
+            rates.setdefault(name, []).append(batch * repeats / elapsed)
         print(
             f"  batch {batch:5d}: "
             + ", ".join(f"{name} {rates[name][-1]:,.0f}/s" for name in variants),
@@ -180,9 +144,9 @@ def _measure(
     return SamplingResult(batch_sizes, rates, diffs)
 
 
-def _repeated(run: Sampler, x0: Tensor, repeats: int) -> Callable[[], None]:
+def _repeated(run: Callable[[], Tensor], repeats: int) -> Callable[[], None]:
     def call() -> None:
         for _ in range(repeats):
-            run(x0)
+            run()
 
     return call

@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.peers.processes import free_ports, log_tail
 from export.mar import build_mar
 from flowserve.modeldir import read_config
 
@@ -69,29 +69,10 @@ class PeerError(RuntimeError):
     """A benchmark peer failed to start, answered with an error, or could not be reached."""
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (held together so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def seeded_noise(seed: int, num_samples: int, sample_shape: Sequence[int]) -> np.ndarray:
     """The x_0 both servers draw for a seed: `torch.randn` from a seeded CPU generator."""
     generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn((num_samples, *sample_shape), generator=generator).numpy()
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    """The last lines of a log file, for error messages (empty if it does not exist)."""
-    if not path.is_file():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -372,7 +353,7 @@ class TorchServePeer:
         while True:
             if self._process.poll() is not None:
                 raise PeerError(
-                    f"TorchServe exited with {self._process.returncode}:\n{_tail(self.log_path)}"
+                    f"TorchServe exited with {self._process.returncode}:\n{log_tail(self.log_path)}"
                 )
             try:
                 workers = self.describe().get("workers", [])
@@ -384,7 +365,7 @@ class TorchServePeer:
             if time.perf_counter() > deadline:
                 raise PeerError(
                     f"TorchServe not READY within {self.start_timeout:.0f} s:\n"
-                    f"{_tail(self.log_path)}"
+                    f"{log_tail(self.log_path)}"
                 )
             time.sleep(0.25)
         described = self.describe()

@@ -20,7 +20,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import IO
 
 import grpc
 
+from bench.peers.processes import free_ports, log_tail
 from bench.peers.triton_env import ensure_venv
 from flowserve.modeldir import read_config
 from protos.inference import grpc_predict_v2_pb2 as oip
@@ -49,26 +49,6 @@ _DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
 
 class TritonPeerError(RuntimeError):
     """Triton did not start, did not become ready in time, or died."""
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports (held open together so that none repeats)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(none)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
 class TritonPeer:
@@ -135,9 +115,9 @@ class TritonPeer:
             return "(not started)"
         return (
             f"--- triton_server.py output (last {LOG_TAIL_LINES} lines) ---\n"
-            f"{_tail(self._tmp / 'peer.log')}\n"
+            f"{log_tail(self._tmp / 'peer.log', LOG_TAIL_LINES)}\n"
             f"--- tritonserver log (last {LOG_TAIL_LINES} lines) ---\n"
-            f"{_tail(self._tmp / 'tritonserver.log')}"
+            f"{log_tail(self._tmp / 'tritonserver.log', LOG_TAIL_LINES)}"
         )
 
     def start(self) -> None:
@@ -151,7 +131,7 @@ class TritonPeer:
             raise TritonPeerError("TritonPeer is already running")
         python = ensure_venv(self.root)
         self._tmp = Path(tempfile.mkdtemp(prefix="flowserve-triton-peer-"))
-        self.grpc_port, self.http_port, self.metrics_port = _free_ports(3)
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         # PyTriton and the Python backend make temp files; keep them in our directory.
         env["TMPDIR"] = str(self._tmp)
