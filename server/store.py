@@ -19,9 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
+from export.contract import SAMPLER_FILE
 from flowserve.modeldir import LoadedModel, ModelDirError, load_model_dir, read_config
 from server.config import StoreConfig
-from server.engine import Backend, ServedModel, load_backend
+from server.engine import (
+    Backend,
+    ServedModel,
+    WholeLoopSampler,
+    load_backend,
+    load_whole_loop_sampler,
+)
 from server.errors import ModelNotFound
 
 SERVING_FILE = "serving.json"
@@ -178,7 +187,27 @@ def load_version(
         config=loaded.config,
         backend=backend,
         eager=eager,
+        whole_loop=_whole_loop(version_dir, backend, device),
     )
+
+
+def _whole_loop(version_dir: Path, backend: Backend, device: str) -> WholeLoopSampler | None:
+    """The exported whole-loop sampler, when the model is served through onnxruntime on the CPU.
+
+    Only there: serving through onnxruntime is the choice to run the exported graphs, and on a
+    GPU the per-step network call is not the bottleneck a CPU loop's overhead is at batch 1.
+    """
+    if backend.name != "onnxruntime" or torch.device(device).type != "cpu":
+        return None
+    if not (version_dir / SAMPLER_FILE).is_file():
+        return None
+    try:
+        return load_whole_loop_sampler(version_dir)
+    except Exception as error:  # onnxruntime raises its own types for a graph it cannot load
+        logger.warning(
+            "%s: %s unusable (%s); serving step by step", version_dir, SAMPLER_FILE, error
+        )
+        return None
 
 
 def load_model(model_dir: Path, config: StoreConfig, device: str) -> ModelEntry | None:

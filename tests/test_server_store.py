@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from export.model_export import SAMPLER_TOLERANCE
+from flows.solvers import sample
 from flowserve.modeldir import load_model_dir
 from server.config import StoreConfig
 from server.errors import ModelNotFound
@@ -112,3 +114,37 @@ def test_lookups(tiny_store: Path) -> None:
 def test_missing_store_directory(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="is not a directory"):
         ModelStore.load(StoreConfig(path=tmp_path / "absent"), "cpu")
+
+
+def _shipped_moons(tmp_path: Path) -> Path:
+    """A store holding a copy of the shipped `moons` model with its exports."""
+    shipped = Path(__file__).resolve().parents[1] / "model_store" / "moons"
+    return Path(shutil.copytree(shipped, tmp_path / "store" / "moons")).parent
+
+
+def test_whole_loop_sampler_is_loaded_only_for_onnxruntime_on_cpu(tmp_path: Path) -> None:
+    root = _shipped_moons(tmp_path)
+    onnx = ModelStore.load(StoreConfig(path=root, backend="onnxruntime"), "cpu").get("moons")
+    eager = ModelStore.load(StoreConfig(path=root, backend="eager"), "cpu").get("moons")
+    assert eager.model.whole_loop is None
+    sampler = onnx.model.whole_loop
+    assert sampler is not None and sampler.solvers == {"euler", "heun"}
+    # It integrates the stored network: compare with the reference solver on the eager copy.
+    x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    expected = sample(load_model_dir(root / "moons" / "1").velocity_fn(), x0, 10, "heun")
+    actual = sampler(x0, 10, "heun", torch.zeros(3, dtype=torch.int64), torch.ones(3))
+    # export's sampler tolerance: 1e-4 at O(1) samples (one rounding difference per step).
+    assert float((actual - expected).abs().max()) <= SAMPLER_TOLERANCE * max(
+        1.0, float(expected.abs().max())
+    )
+
+
+def test_an_unloadable_whole_loop_sampler_is_skipped_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _shipped_moons(tmp_path)
+    (root / "moons" / "1" / "sampler.onnx").write_bytes(b"not an onnx graph")
+    with caplog.at_level(logging.WARNING, logger=STORE_LOGGER):
+        entry = ModelStore.load(StoreConfig(path=root, backend="onnxruntime"), "cpu").get("moons")
+    assert entry.model.backend.name == "onnxruntime" and entry.model.whole_loop is None
+    assert "sampler.onnx unusable" in caplog.text and "serving step by step" in caplog.text

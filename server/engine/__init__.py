@@ -3,6 +3,7 @@
 One loop thread owns the device. Every job becomes rows; each iteration gathers the rows that need
 a network evaluation from any running jobs (any t, step count, solver, guidance scale), makes one
 network call per model, and hands every row its result. Jobs join and leave between iterations.
+A lone small request on an idle engine runs its model's exported whole sampling loop in one call.
 This package imports no grpc and no prometheus; the server adapts it.
 """
 
@@ -17,8 +18,9 @@ from server.engine.api import (
     SampleJob,
     SampleResult,
     ServedModel,
+    WholeLoopSampler,
 )
-from server.engine.backends import load_backend
+from server.engine.backends import load_backend, load_whole_loop_sampler
 from server.engine.engine import Engine
 from server.engine.errors import (
     BackendFailed,
@@ -49,5 +51,7 @@ __all__ = [
     "SampleJob",
     "SampleResult",
     "ServedModel",
+    "WholeLoopSampler",
     "load_backend",
+    "load_whole_loop_sampler",
 ]

@@ -39,6 +39,13 @@ class EngineConfig:
             calls) or "request" (whole requests are batched together and a new batch starts only
             when the last one is finished, as a request-level dynamic batcher does).
         device: Torch device of the loop's tensors.
+        solo_max_evaluations: A sample job that finds the engine idle runs as one call of its
+            model's whole-loop sampler (`ServedModel.whole_loop`) when it costs at most this many
+            network evaluations (rows x steps x solver stages, twice for a conditional net),
+            its solver is one the sampler has, and it asks for no progress or trajectory. At
+            batch 1 the loop's own work per step costs more than the network, so a lone small
+            request is several times faster this way; a request arriving meanwhile waits for
+            that one call, then batches as usual. 0 turns the fast path off.
     """
 
     max_rows_per_call: int = 4096
@@ -48,6 +55,7 @@ class EngineConfig:
     max_rows_queued: int = 262144
     policy: str = "step"
     device: str = "cpu"
+    solo_max_evaluations: int = 256
 
     def __post_init__(self) -> None:
         if self.max_rows_per_call < 2:
@@ -68,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"max_rows_in_flight must be >= 1, got {self.max_rows_in_flight}")
         if self.max_rows_queued < 0:
             raise ValueError(f"max_rows_queued must be >= 0, got {self.max_rows_queued}")
+        if self.solo_max_evaluations < 0:
+            raise ValueError(f"solo_max_evaluations must be >= 0, got {self.solo_max_evaluations}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
 
@@ -97,6 +107,40 @@ class Backend(Protocol):
         ...
 
 
+class WholeLoopSampler(Protocol):
+    """A model's whole fixed-step sampling loop in one call (export's `sampler.onnx`).
+
+    It integrates the guided velocity on the uniform grid as `flows.solvers.sample` does.
+
+    Attributes:
+        solvers: The solvers it runs (names of flows.solvers.TABLEAUS).
+    """
+
+    solvers: frozenset[str]
+
+    def __call__(
+        self,
+        x0: Tensor,
+        num_steps: int,
+        solver: str,
+        class_labels: Tensor,
+        guidance_scale: Tensor,
+    ) -> Tensor:
+        """Integrate from t=0 to t=1.
+
+        Args:
+            x0: `(batch, *sample_shape)` float32 noise on the CPU.
+            num_steps: Steps, >= 1.
+            solver: One of `solvers`.
+            class_labels: `(batch,)` int64; the null class is `num_classes`.
+            guidance_scale: `(batch,)` float32.
+
+        Returns:
+            A fresh `(batch, *sample_shape)` float32 CPU tensor: the samples at t=1.
+        """
+        ...
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """One loaded model version as the engine serves it.
@@ -108,6 +152,8 @@ class ServedModel:
             classes).
         backend: The backend used for sampling.
         eager: An autograd-capable backend used by the likelihood lane.
+        whole_loop: The exported whole sampling loop, used for lone small requests (see
+            `EngineConfig.solo_max_evaluations`), or None.
     """
 
     name: str
@@ -115,6 +161,7 @@ class ServedModel:
     config: ModelConfig
     backend: Backend
     eager: Backend
+    whole_loop: WholeLoopSampler | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@
   engine picks up through the backend's `updater` (CUDA only; triton is imported lazily).
 
 Every backend returns a fresh tensor on the engine's device that the caller owns.
+
+`load_whole_loop_sampler(model_dir)` opens `sampler.onnx`, the whole fixed-step loop in one ONNX
+graph, which the engine runs for lone small requests on the CPU.
 """
 
 from __future__ import annotations
@@ -22,8 +25,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from export.contract import INPUT_NAMES, ONNX_FILE, OUTPUT_NAME, TORCHSCRIPT_FILE
+from export.contract import (
+    INPUT_NAMES,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    SAMPLER_FILE,
+    SAMPLER_INPUT_NAMES,
+    SAMPLER_SOLVER_CODES,
+    TORCHSCRIPT_FILE,
+)
 from export.onnx_runtime import session_options
+from export.parity import run_sampler
 from server.engine.api import Backend
 from server.engine.updaters import StateUpdater, TritonUpdater
 
@@ -86,22 +98,9 @@ class OnnxRuntimeBackend:
     supports_autograd = False
 
     def __init__(self, path: Path, device: torch.device, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        # The exporter's options (all graph optimisations, sequential execution), so the session
-        # runs as the parity check that produced manifest.json did.
-        options = session_options(max(threads, 1))
-        # Spinning worker threads would compete with the engine loop for the same cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.providers = tuple(providers)
-        self.session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+        self.session = _serving_session(path, device, threads, INPUT_NAMES)
+        self.providers = tuple(self.session.get_providers())
         self.device = device
-        names = tuple(i.name for i in self.session.get_inputs())
-        if set(names) != set(INPUT_NAMES):
-            raise ValueError(f"{path}: inputs must be {INPUT_NAMES}, got {names}")
 
     def __call__(self, x: Tensor, t: Tensor, class_labels: Tensor) -> Tensor:
         """Evaluate on `(batch, *sample_shape)`, `(batch,)`, `(batch,)`."""
@@ -112,6 +111,64 @@ class OnnxRuntimeBackend:
         }
         (prediction,) = self.session.run([OUTPUT_NAME], feeds)
         return torch.from_numpy(prediction).to(self.device)
+
+
+class OnnxWholeLoopSampler:
+    """`sampler.onnx` in a one-thread CPU session: the engine's fast path for lone requests.
+
+    One thread because it only serves small batches, where splitting a matmul across cores
+    costs more in synchronisation than it saves.
+
+    Args:
+        path: The sampler model (inputs `SAMPLER_INPUT_NAMES`, output `x1`).
+    """
+
+    solvers = frozenset(SAMPLER_SOLVER_CODES)
+
+    def __init__(self, path: Path) -> None:
+        self.session = _serving_session(path, torch.device("cpu"), 1, SAMPLER_INPUT_NAMES)
+
+    def __call__(
+        self,
+        x0: Tensor,
+        num_steps: int,
+        solver: str,
+        class_labels: Tensor,
+        guidance_scale: Tensor,
+    ) -> Tensor:
+        """Integrate `x0` from t=0 to t=1 in one session call (see `WholeLoopSampler`)."""
+        return run_sampler(self.session, x0, num_steps, solver, class_labels, guidance_scale)
+
+
+def load_whole_loop_sampler(model_dir: Path) -> OnnxWholeLoopSampler:
+    """Open `model_dir/sampler.onnx`.
+
+    Raises:
+        ValueError: the file is missing or does not have the sampler's inputs.
+        Exception: onnxruntime's own error for a graph it cannot load.
+    """
+    return OnnxWholeLoopSampler(_required_file(Path(model_dir), SAMPLER_FILE, "whole-loop"))
+
+
+def _serving_session(
+    path: Path, device: torch.device, threads: int, input_names: tuple[str, ...]
+) -> Any:
+    """An onnxruntime session of `path` set up for serving, checked to take `input_names`."""
+    import onnxruntime as ort
+
+    # The exporter's options (all graph optimisations, sequential execution), so the session
+    # runs as the parity check that produced manifest.json did.
+    options = session_options(max(threads, 1))
+    # Spinning worker threads would compete with the engine loop for the same cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+    names = tuple(i.name for i in session.get_inputs())
+    if set(names) != set(input_names):
+        raise ValueError(f"{path}: inputs must be {input_names}, got {names}")
+    return session
 
 
 class TritonFusedBackend(EagerBackend):

@@ -10,6 +10,10 @@ Each iteration of the loop:
    divergences; a call that raises fails exactly the jobs with rows in it;
 4. hands out progress and trajectory snapshots, and finishes jobs whose last step is done.
 
+The solo fast path: a small sample job admitted alone to an idle engine runs as one call of its
+model's whole-loop sampler instead (`EngineConfig.solo_max_evaluations`); at batch 1 the loop's
+own work per step costs more than the network.
+
 A loop that falls idle after work, and stays idle for IDLE_TRIM_SECONDS, hands the C heap's free
 pages back to the OS (`release_free_memory`), so that memory returns after a burst.
 
@@ -282,6 +286,9 @@ class Engine:
             self._discard(record)
         for record in expired:
             self._fail(record, JobDeadlineExceeded(f"job {record.job_id} passed its deadline"))
+        if len(admitted) == 1 and self._solo_eligible(admitted[0]):
+            self._run_solo(admitted[0])
+            admitted = []
         self._start_groups(admitted)
         stepped: list[RowGroup] = []
         for lane in self._lanes():
@@ -350,6 +357,68 @@ class Engine:
             self._queued_rows -= record.rows
             self._running_rows += record.rows
         return admitted, cancelled, expired
+
+    def _solo_eligible(self, record: JobRecord) -> bool:
+        """Whether `record` may run as one whole-loop call: see the module docstring."""
+        job = record.job
+        if (
+            not isinstance(job, SampleJob)
+            or job.model.whole_loop is None
+            or job.solver not in job.model.whole_loop.solvers
+            or record.on_progress is not None
+            or job.trajectory_every
+            or record.state != _RUNNING
+        ):
+            return False
+        # The sampler evaluates both guidance branches of a conditional net on every row.
+        branches = 2 if record.math.num_classes > 0 else 1
+        stages = len(TABLEAUS[job.solver].b)
+        cost = record.rows * job.num_steps * stages * branches
+        if cost > self.config.solo_max_evaluations:
+            return False
+        if self._sample_lanes or self._likelihood_lanes or self._held:
+            return False  # not idle: the job joins the running rows instead
+        with self._lock:
+            return not self._queue
+
+    def _run_solo(self, record: JobRecord) -> None:
+        """Run an eligible sample job in one whole-loop call and hold its result for delivery."""
+        job = record.job
+        assert isinstance(job, SampleJob) and job.model.whole_loop is not None
+        guidance = torch.full((record.rows,), float(job.guidance_scale), dtype=torch.float32)
+        error: Exception | None = None
+        try:
+            samples = job.model.whole_loop(
+                record.x_start.cpu(), job.num_steps, job.solver, record.labels.cpu(), guidance
+            )
+        except Exception as raised:
+            error = raised
+        now = time.monotonic()
+        with self._lock:
+            self._running_rows -= record.rows
+            self._pending_evaluations -= record.evaluations
+        if error is not None:
+            logger.warning("whole-loop sampler of model %s failed: %r", job.model.name, error)
+            failure = BackendFailed(
+                f"whole-loop sampler of model {job.model.name!r} failed: {error!r}"
+            )
+            failure.__cause__ = error
+            resolve(record.future, error=failure)
+            self._finish(record)
+            return
+        result = SampleResult(
+            samples=samples,
+            model=job.model.name,
+            version=job.model.version,
+            num_steps=record.num_steps,
+            network_evaluations=record.evaluations,
+            seed=record.seed,
+            queue_seconds=record.admitted - record.submitted,
+            compute_seconds=now - record.admitted,
+            trajectory=(),
+        )
+        self._held.append((record, result))
+        record.state = _HELD
 
     def _queue_view(self) -> Iterator[tuple[int, int]]:
         return ((r.rows, r.width) for r in self._queue)
