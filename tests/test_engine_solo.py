@@ -23,7 +23,11 @@ from flows.solvers import TABLEAUS, sample
 from flowserve.modeldir import LoadedModel
 from server.engine import (
     BackendFailed,
+    Engine,
+    EngineClosed,
     EngineConfig,
+    EngineStats,
+    JobHandle,
     SampleJob,
     ServedModel,
     load_whole_loop_sampler,
@@ -195,24 +199,62 @@ def test_a_failing_sampler_fails_only_its_job(unconditional: Served) -> None:
     assert (sampler.calls, steps.calls) == (1, 1) and result.samples.shape == (300, 2)
 
 
-def test_cancelling_during_the_solo_call_leaves_the_engine_clean(unconditional: Served) -> None:
+class GatedSampler(CountingSampler):
+    """Blocks inside the call until `release` is set."""
+
+    def __init__(self, inner: WholeLoopSampler) -> None:
+        super().__init__(inner)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, *args: object) -> Tensor:
+        self.entered.set()
+        assert self.release.wait(WAIT_SECONDS)
+        return super().__call__(*args)  # type: ignore[arg-type]
+
+
+def _submit_in_thread(engine: Engine, job: SampleJob) -> tuple[threading.Thread, list[JobHandle]]:
+    """Submit from another thread (a solo job runs inside submit); the handle lands in the list."""
+    handles: list[JobHandle] = []
+    thread = threading.Thread(target=lambda: handles.append(engine.submit(job)), daemon=True)
+    thread.start()
+    return thread, handles
+
+
+def test_a_job_arriving_during_a_solo_call_waits_for_it_then_batches(
+    unconditional: Served,
+) -> None:
     model, _, sampler = unconditional
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowSampler(CountingSampler):
-        def __call__(self, *args: object) -> Tensor:
-            entered.set()
-            assert release.wait(WAIT_SECONDS)
-            return super().__call__(*args)  # type: ignore[arg-type]
-
-    slow = SlowSampler(sampler)
-    wired = ServedModel(model.name, 1, model.config, model.backend, model.eager, slow)
+    steps = RecordingBackend(model.backend)
+    gated = GatedSampler(sampler)
+    wired = ServedModel(model.name, 1, model.config, steps, steps, gated)  # type: ignore[arg-type]
     with running_engine() as engine:
-        handle = engine.submit(SampleJob(wired, 1, 4, "euler", seed=0))
-        assert entered.wait(WAIT_SECONDS)
-        handle.cancel()
-        release.set()
-        assert wait_until(lambda: engine.stats().running_rows == 0)
-        # Still serving, through the fast path again.
-        engine.submit(SampleJob(wired, 1, 4, "euler", seed=0)).future.result(WAIT_SECONDS)
-    assert slow.calls == 2
+        thread, handles = _submit_in_thread(engine, SampleJob(wired, 1, 4, "euler", seed=0))
+        assert gated.entered.wait(WAIT_SECONDS)
+        # The engine is not idle any more: this one is queued for the loop...
+        waiting = engine.submit(SampleJob(wired, 1, 4, "euler", seed=1))
+        assert engine.stats().queued_rows == 1
+        # ...which admits nothing while the solo call holds the device (checked for 50 ms).
+        assert not wait_until(lambda: steps.calls > 0, timeout=0.05)
+        gated.release.set()
+        thread.join(WAIT_SECONDS)
+        solo_result = handles[0].future.result(WAIT_SECONDS)
+        waited_result = waiting.future.result(WAIT_SECONDS)
+        assert engine.stats() == EngineStats(0, 0, 0)
+    assert (gated.calls, steps.calls) == (1, 4)
+    assert solo_result.samples.shape == waited_result.samples.shape == (1, 2)
+
+
+def test_shutdown_during_a_solo_call_fails_it_cleanly(unconditional: Served) -> None:
+    model, _, sampler = unconditional
+    gated = GatedSampler(sampler)
+    wired = ServedModel(model.name, 1, model.config, model.backend, model.eager, gated)
+    engine = Engine(EngineConfig())
+    engine.start()
+    thread, handles = _submit_in_thread(engine, SampleJob(wired, 1, 4, "euler", seed=0))
+    assert gated.entered.wait(WAIT_SECONDS)
+    engine.shutdown()
+    gated.release.set()
+    thread.join(WAIT_SECONDS)
+    with pytest.raises(EngineClosed):
+        handles[0].future.result(WAIT_SECONDS)
+    assert engine.stats() == EngineStats(0, 0, 0)

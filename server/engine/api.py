@@ -39,13 +39,13 @@ class EngineConfig:
             calls) or "request" (whole requests are batched together and a new batch starts only
             when the last one is finished, as a request-level dynamic batcher does).
         device: Torch device of the loop's tensors.
-        solo_max_evaluations: A sample job that finds the engine idle runs as one call of its
-            model's whole-loop sampler (`ServedModel.whole_loop`) when it costs at most this many
-            network evaluations (rows x steps x solver stages, twice for a conditional net),
-            its solver is one the sampler has, and it asks for no progress or trajectory. At
-            batch 1 the loop's own work per step costs more than the network, so a lone small
-            request is several times faster this way; a request arriving meanwhile waits for
-            that one call, then batches as usual. 0 turns the fast path off.
+        solo_max_evaluations: A sample job submitted to an idle engine runs on the submitting
+            thread as one call of its model's whole-loop sampler (`ServedModel.whole_loop`)
+            when it costs at most this many network evaluations (rows x steps x solver stages,
+            twice for a conditional net), its solver is one the sampler has, and it asks for no
+            progress or trajectory. At batch 1 the loop's own work per step, and the hand-over
+            to the loop thread and back, cost more than the network; a job arriving meanwhile
+            waits for that one call, then batches as usual. 0 turns the fast path off.
     """
 
     max_rows_per_call: int = 4096
@@ -314,7 +314,8 @@ class EngineStats:
 
 
 class EngineObserver(Protocol):
-    """Receives engine events; the server wires Prometheus to it. Called from the loop thread."""
+    """Receives engine events; the server wires Prometheus to it. Called from the loop thread,
+    and from the submitting thread for a solo job (see `EngineConfig.solo_max_evaluations`)."""
 
     def on_network_call(self, model: str, rows: int, padded_rows: int, seconds: float) -> None:
         """One network call of `rows` real rows padded to `padded_rows`, taking `seconds`."""

@@ -10,15 +10,16 @@ Each iteration of the loop:
    divergences; a call that raises fails exactly the jobs with rows in it;
 4. hands out progress and trajectory snapshots, and finishes jobs whose last step is done.
 
-The solo fast path: a small sample job admitted alone to an idle engine runs as one call of its
-model's whole-loop sampler instead (`EngineConfig.solo_max_evaluations`); at batch 1 the loop's
-own work per step costs more than the network.
+The solo fast path (`solo.py`): a small sample job submitted to an idle engine runs on the
+submitting thread as one call of its model's whole-loop sampler; the loop admits nothing until
+that call returns, so the device still has one user at a time.
 
 A loop that falls idle after work, and stays idle for IDLE_TRIM_SECONDS, hands the C heap's free
 pages back to the OS (`release_free_memory`), so that memory returns after a burst.
 
 Threads: `submit`, `cancel`, `stats`, `drain` and `shutdown` may be called from any thread; they
-touch only the queue and the counters under one lock. Everything else belongs to the loop.
+touch only the queue and the counters under one lock (and `submit` may run a solo job). Everything
+else belongs to the loop.
 Every future resolves: with a result, or with an EngineError when the job is cancelled, expires,
 fails in a network call, is shut down, or when the loop itself hits a bug (then every pending job
 fails and the loop carries on with a clean state).
@@ -63,6 +64,7 @@ from server.engine.lanes import Lane, LikelihoodLane, SampleLane, Segment
 from server.engine.likelihood_groups import LikelihoodGroup
 from server.engine.policy import make_policy
 from server.engine.records import JobRecord, prepare_record
+from server.engine.solo import run_solo, solo_cost
 from server.engine.updaters import StateUpdater, TorchUpdater
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ class Engine:
         self._pending_evaluations = 0
         self._closed = False
         self._stopping = False
+        # A solo job is running on its submitting thread; the loop admits nothing meanwhile.
+        self._solo_running = False
         # Work was admitted since the loop last released free memory (see _take_work).
         self._trim_due = False
         self._thread: threading.Thread | None = None
@@ -158,7 +162,11 @@ class Engine:
     def submit(
         self, job: SampleJob | LikelihoodJob, on_progress: Callable[[Progress], None] | None = None
     ) -> JobHandle:
-        """Queue a job.
+        """Queue a job, or run it at once when it qualifies for the solo fast path.
+
+        A sample job that finds the engine idle (started, no job live) and costs its model's
+        whole-loop sampler at most `solo_max_evaluations` evaluations runs here, on the calling
+        thread, and the returned handle's future is already resolved.
 
         Args:
             job: A SampleJob or LikelihoodJob.
@@ -177,25 +185,79 @@ class Engine:
             raise ValueError("on_progress must be callable or None")
         job_id = next(self._ids)
         record = prepare_record(job_id, job, on_progress)
+        cost = solo_cost(record)
+        solo = cost is not None and cost <= self.config.solo_max_evaluations
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is draining or shut down")
-            if self._queued_rows + record.rows > self.config.max_rows_queued:
-                raise QueueFull(
-                    f"queue full: {self._queued_rows} rows queued, the job has {record.rows}, "
-                    f"max_rows_queued is {self.config.max_rows_queued}"
-                )
-            record.state = _QUEUED
-            self._queue.append(record)
-            self._live[job_id] = record
-            self._queued_rows += record.rows
-            self._pending_evaluations += record.evaluations
-            if record.deadline is not None:
-                heapq.heappush(self._deadlines, (record.deadline, job_id))
-            self._wake.notify_all()
+            claimed = solo and self._claim_solo(record)
+            if claimed:
+                handle = JobHandle(job_id, record.future, self._request_cancel)
+            else:
+                handle = self._enqueue(record)
+        if claimed:
+            self._run_solo(record)
         # A caller may cancel the future itself rather than the handle; free the rows then too.
         record.future.add_done_callback(self._on_future_done(job_id))
-        return JobHandle(job_id, record.future, self._request_cancel)
+        return handle
+
+    def _enqueue(self, record: JobRecord) -> JobHandle:
+        """Lock held: queue `record` for the loop."""
+        if self._queued_rows + record.rows > self.config.max_rows_queued:
+            raise QueueFull(
+                f"queue full: {self._queued_rows} rows queued, the job has {record.rows}, "
+                f"max_rows_queued is {self.config.max_rows_queued}"
+            )
+        record.state = _QUEUED
+        self._queue.append(record)
+        self._live[record.job_id] = record
+        self._queued_rows += record.rows
+        self._pending_evaluations += record.evaluations
+        if record.deadline is not None:
+            heapq.heappush(self._deadlines, (record.deadline, record.job_id))
+        self._wake.notify_all()
+        return JobHandle(record.job_id, record.future, self._request_cancel)
+
+    def _claim_solo(self, record: JobRecord) -> bool:
+        """Lock held: take the device for `record` if the engine is idle (and the job's deadline
+        has not passed: the loop answers that one)."""
+        now = time.monotonic()
+        if self._thread is None or self._live or self._solo_running:
+            return False
+        if record.deadline is not None and record.deadline <= now:
+            return False
+        self._solo_running = True
+        record.state = _RUNNING
+        record.admitted = now
+        self._live[record.job_id] = record
+        self._running_rows += record.rows
+        self._pending_evaluations += record.evaluations
+        return True
+
+    def _run_solo(self, record: JobRecord) -> None:
+        """Run a claimed solo job on this thread, then hand the device back to the loop."""
+        try:
+            result: SampleResult | None = run_solo(record)
+            error: EngineError | None = None
+        except Exception as raised:
+            logger.warning("whole-loop sampler of model %s failed: %r", record.model.name, raised)
+            result = None
+            error = BackendFailed(
+                f"whole-loop sampler of model {record.model.name!r} failed: {raised!r}"
+            )
+            error.__cause__ = raised
+        with self._lock:
+            self._solo_running = False
+            # A shutdown may have failed the job meanwhile and reset the counters.
+            if self._live.get(record.job_id) is record:
+                self._running_rows -= record.rows
+                self._pending_evaluations -= record.evaluations
+            self._wake.notify_all()
+        if result is None:
+            resolve(record.future, error=error)
+            self._finish(record)
+        else:
+            self._answer(record, result)
 
     def stats(self) -> EngineStats:
         """A consistent snapshot of queued rows, running rows and owed network evaluations."""
@@ -286,9 +348,6 @@ class Engine:
             self._discard(record)
         for record in expired:
             self._fail(record, JobDeadlineExceeded(f"job {record.job_id} passed its deadline"))
-        if len(admitted) == 1 and self._solo_eligible(admitted[0]):
-            self._run_solo(admitted[0])
-            admitted = []
         self._start_groups(admitted)
         stepped: list[RowGroup] = []
         for lane in self._lanes():
@@ -313,9 +372,14 @@ class Engine:
         return [], [], []
 
     def _wait_for_work(self) -> bool:
-        """Lock held: wait until there is work (True), or until it is time to trim (False)."""
-        while not (self._running_rows or self._queue or self._cancels or self._stopping):
-            if not self._trim_due:
+        """Lock held: wait until there is work (True), or until it is time to trim (False).
+
+        While a solo job holds the device there is nothing the loop may do.
+        """
+        while not self._stopping and (
+            self._solo_running or not (self._running_rows or self._queue or self._cancels)
+        ):
+            if not self._trim_due or self._solo_running:
                 self._wake.wait()
             elif not self._wake.wait(IDLE_TRIM_SECONDS):
                 self._trim_due = False
@@ -357,68 +421,6 @@ class Engine:
             self._queued_rows -= record.rows
             self._running_rows += record.rows
         return admitted, cancelled, expired
-
-    def _solo_eligible(self, record: JobRecord) -> bool:
-        """Whether `record` may run as one whole-loop call: see the module docstring."""
-        job = record.job
-        if (
-            not isinstance(job, SampleJob)
-            or job.model.whole_loop is None
-            or job.solver not in job.model.whole_loop.solvers
-            or record.on_progress is not None
-            or job.trajectory_every
-            or record.state != _RUNNING
-        ):
-            return False
-        # The sampler evaluates both guidance branches of a conditional net on every row.
-        branches = 2 if record.math.num_classes > 0 else 1
-        stages = len(TABLEAUS[job.solver].b)
-        cost = record.rows * job.num_steps * stages * branches
-        if cost > self.config.solo_max_evaluations:
-            return False
-        if self._sample_lanes or self._likelihood_lanes or self._held:
-            return False  # not idle: the job joins the running rows instead
-        with self._lock:
-            return not self._queue
-
-    def _run_solo(self, record: JobRecord) -> None:
-        """Run an eligible sample job in one whole-loop call and hold its result for delivery."""
-        job = record.job
-        assert isinstance(job, SampleJob) and job.model.whole_loop is not None
-        guidance = torch.full((record.rows,), float(job.guidance_scale), dtype=torch.float32)
-        error: Exception | None = None
-        try:
-            samples = job.model.whole_loop(
-                record.x_start.cpu(), job.num_steps, job.solver, record.labels.cpu(), guidance
-            )
-        except Exception as raised:
-            error = raised
-        now = time.monotonic()
-        with self._lock:
-            self._running_rows -= record.rows
-            self._pending_evaluations -= record.evaluations
-        if error is not None:
-            logger.warning("whole-loop sampler of model %s failed: %r", job.model.name, error)
-            failure = BackendFailed(
-                f"whole-loop sampler of model {job.model.name!r} failed: {error!r}"
-            )
-            failure.__cause__ = error
-            resolve(record.future, error=failure)
-            self._finish(record)
-            return
-        result = SampleResult(
-            samples=samples,
-            model=job.model.name,
-            version=job.model.version,
-            num_steps=record.num_steps,
-            network_evaluations=record.evaluations,
-            seed=record.seed,
-            queue_seconds=record.admitted - record.submitted,
-            compute_seconds=now - record.admitted,
-            trajectory=(),
-        )
-        self._held.append((record, result))
-        record.state = _HELD
 
     def _queue_view(self) -> Iterator[tuple[int, int]]:
         return ((r.rows, r.width) for r in self._queue)
