@@ -7,14 +7,16 @@ flowserve's OIP endpoint and Triton (OIP ModelInfer); flowserve.v1 Sample is mea
 Variants, each server alone on the machine while it is measured:
 
 - flowserve, step-level batching (the default: rows join and leave the running batch at every
-  solver step), over flowserve.v1 Sample and over OIP ModelInfer;
+  solver step), over flowserve.v1 Sample and over OIP ModelInfer; over OIP again with the
+  onnxruntime backend, whose lone requests take the solo fast path (the exported whole loop);
 - flowserve, request-level batching (`[engine] policy = "request"`: whole requests are batched
   and answered when the batch is done, as a dynamic batcher in front of a sampling loop does);
 - Triton 2.51 (PyTriton 0.7.0, Python backend) with its dynamic batcher (max batch 256, 2 ms
   queue delay), running the same sampler on the same weights.
 
 Latency: one 1-sample, 50-step Euler request at a time on an idle server: flowserve, Triton,
-and TorchServe serving the exported `.mar`.
+and TorchServe serving the exported `.mar`; and the floor under flowserve's figure: the
+whole-loop sampler called in-process, and an empty gRPC round trip (OIP ServerLive).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,9 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import LoadResult, MakeCall, flowserve_sample, oip_infer, run_closed_loop
-from bench.report_model import DIM, MODEL
+import torch
+
+from bench.loadgen import (
+    Call,
+    LoadResult,
+    MakeCall,
+    flowserve_sample,
+    oip_infer,
+    run_closed_loop,
+)
+from bench.report_model import DIM, MODEL, noise
 from bench.server_process import FlowserveProcess
+from protos.inference import grpc_predict_v2_pb2 as oip_pb
+from protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from server.engine import load_whole_loop_sampler
 
 STEPS = 100
 LATENCY_STEPS = 50
@@ -44,6 +59,7 @@ GRPC_WORKERS = 512
 
 FLOWSERVE_V1 = "flowserve v1 Sample, step-level batching"
 FLOWSERVE_OIP = "flowserve OIP, step-level batching"
+FLOWSERVE_ONNX = "flowserve OIP, step-level batching, onnxruntime + solo fast path"
 FLOWSERVE_REQUEST = "flowserve OIP, request-level batching"
 TRITON = "Triton 2.51 dynamic batcher (OIP)"
 
@@ -175,6 +191,10 @@ def measure_concurrency(
         runs[FLOWSERVE_OIP], cpu[FLOWSERVE_OIP] = sweep(
             server.target, oip, levels, "oip", server.pid
         )
+    with _flowserve(store, "step", "onnxruntime") as server:
+        runs[FLOWSERVE_ONNX], cpu[FLOWSERVE_ONNX] = sweep(
+            server.target, oip, levels, "oip onnxruntime", server.pid
+        )
     with _flowserve(store, "request") as server:
         runs[FLOWSERVE_REQUEST], cpu[FLOWSERVE_REQUEST] = sweep(
             server.target, oip, levels, "request-level", server.pid
@@ -217,6 +237,46 @@ def measure_latency(
             results[name] = torchserve_latency(peer, LATENCY_REQUESTS, LATENCY_STEPS)
             print(f"  {name}: {results[name].summary()}", flush=True)
     return results
+
+
+@dataclass(frozen=True)
+class LatencyFloor:
+    """What flowserve's best single-request latency is made of, in seconds (p50).
+
+    Attributes:
+        sampler: The whole-loop sampler (`sampler.onnx`) called in-process, 1 sample.
+        empty_rpc: An empty gRPC round trip (OIP ServerLive) to the same server, same client.
+    """
+
+    sampler: float
+    empty_rpc: float
+
+
+def _server_live(channel: Any) -> Call:
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+    async def call(index: int, timeout_s: float) -> object:
+        return await stub.ServerLive(oip_pb.ServerLiveRequest(), timeout=timeout_s)
+
+    return call
+
+
+def measure_latency_floor(store: Path, model_dir: Path) -> LatencyFloor:
+    """The two parts of a solo request no server code of flowserve's can remove."""
+    sampler = load_whole_loop_sampler(model_dir)
+    x0, labels, guidance = noise(1), torch.zeros(1, dtype=torch.int64), torch.ones(1)
+    for _ in range(16):  # warm-up
+        sampler(x0, LATENCY_STEPS, SOLVER, labels, guidance)
+    seconds = []
+    for _ in range(LATENCY_REQUESTS):
+        started = time.perf_counter()
+        sampler(x0, LATENCY_STEPS, SOLVER, labels, guidance)
+        seconds.append(time.perf_counter() - started)
+    with _flowserve(store, "step", "onnxruntime") as server:
+        run_closed_loop(server.target, _server_live, 1, 16, RUN_TIMEOUT_S)  # warm-up
+        empty = run_closed_loop(server.target, _server_live, 1, LATENCY_REQUESTS, RUN_TIMEOUT_S)
+    print(f"  empty gRPC round trip: {empty.summary()}", flush=True)
+    return LatencyFloor(statistics.median(seconds), empty.p50)
 
 
 def best_flowserve(latencies: Mapping[str, LoadResult]) -> tuple[str, LoadResult]:
