@@ -7,6 +7,7 @@ latency, and a model that cannot run fails start-up instead of its first request
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -52,7 +53,13 @@ def warm_up(entry: ModelEntry, engine: Engine, exact_max_dimension: int) -> None
         seed=0,
         class_labels=labels,
     )
-    for job in (sample_job, likelihood_job):
+    jobs: list[SampleJob | LikelihoodJob] = [sample_job, likelihood_job]
+    if entry.model.whole_loop is not None:
+        # The sample job above takes the solo fast path (the whole-loop sampler); asking for a
+        # trajectory, which the whole loop cannot give, sends this one through the per-step
+        # network that batched requests use.
+        jobs.append(dataclasses.replace(sample_job, trajectory_every=_WARMUP_STEPS))
+    for job in jobs:
         try:
             engine.submit(job).future.result(timeout=_WARMUP_TIMEOUT_SECONDS)
         except Exception as error:

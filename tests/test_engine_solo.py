@@ -33,6 +33,8 @@ from server.engine import (
     load_whole_loop_sampler,
 )
 from server.engine.api import WholeLoopSampler
+from server.store import ModelEntry
+from server.warmup import WarmupFailed, warm_up
 from tests.test_engine_support import (
     WAIT_SECONDS,
     RecordingBackend,
@@ -258,3 +260,21 @@ def test_shutdown_during_a_solo_call_fails_it_cleanly(unconditional: Served) -> 
     with pytest.raises(EngineClosed):
         handles[0].future.result(WAIT_SECONDS)
     assert engine.stats() == EngineStats(0, 0, 0)
+
+
+def test_warm_up_runs_the_whole_loop_and_the_per_step_network(unconditional: Served) -> None:
+    """A model with a whole-loop sampler is warmed on both paths: a broken per-step network
+    fails the warm-up although the solo path works."""
+    model, _, sampler = unconditional
+    steps = RecordingBackend(model.backend)
+    counting = CountingSampler(sampler)
+    wired = ServedModel(model.name, 1, model.config, steps, model.eager, counting)  # type: ignore[arg-type]
+    entry = ModelEntry(wired, Path("."), (1,), False, ("eager", "onnxruntime"))
+    with running_engine() as engine:
+        warm_up(entry, engine, exact_max_dimension=8)
+        assert counting.calls == 1 and steps.calls == 4  # 2 warm-up steps x 2 Heun stages
+        broken = RecordingBackend(model.backend, fail_on=(1,))
+        wired = ServedModel(model.name, 1, model.config, broken, model.eager, counting)  # type: ignore[arg-type]
+        entry = ModelEntry(wired, Path("."), (1,), False, ("eager", "onnxruntime"))
+        with pytest.raises(WarmupFailed, match="injected fault"):
+            warm_up(entry, engine, exact_max_dimension=8)
