@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
@@ -154,8 +155,6 @@ def _serving_session(
     path: Path, device: torch.device, threads: int, input_names: tuple[str, ...]
 ) -> Any:
     """An onnxruntime session of `path` set up for serving, checked to take `input_names`."""
-    import onnxruntime as ort
-
     # The exporter's options (all graph optimisations, sequential execution), so the session
     # runs as the parity check that produced manifest.json did.
     options = session_options(max(threads, 1))

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from flows.solvers import TABLEAUS
 from server.engine.api import (
@@ -64,7 +65,7 @@ from server.engine.lanes import Lane, LikelihoodLane, SampleLane, Segment
 from server.engine.likelihood_groups import LikelihoodGroup
 from server.engine.policy import make_policy
 from server.engine.records import JobRecord, prepare_record
-from server.engine.solo import run_solo, solo_cost
+from server.engine.solo import solo_cost, whole_loop_samples
 from server.engine.updaters import StateUpdater, TorchUpdater
 
 logger = logging.getLogger(__name__)
@@ -191,17 +192,15 @@ class Engine:
             if self._closed:
                 raise EngineClosed("the engine is draining or shut down")
             claimed = solo and self._claim_solo(record)
-            if claimed:
-                handle = JobHandle(job_id, record.future, self._request_cancel)
-            else:
-                handle = self._enqueue(record)
+            if not claimed:
+                self._enqueue(record)
         if claimed:
             self._run_solo(record)
         # A caller may cancel the future itself rather than the handle; free the rows then too.
         record.future.add_done_callback(self._on_future_done(job_id))
-        return handle
+        return JobHandle(job_id, record.future, self._request_cancel)
 
-    def _enqueue(self, record: JobRecord) -> JobHandle:
+    def _enqueue(self, record: JobRecord) -> None:
         """Lock held: queue `record` for the loop."""
         if self._queued_rows + record.rows > self.config.max_rows_queued:
             raise QueueFull(
@@ -216,7 +215,6 @@ class Engine:
         if record.deadline is not None:
             heapq.heappush(self._deadlines, (record.deadline, record.job_id))
         self._wake.notify_all()
-        return JobHandle(record.job_id, record.future, self._request_cancel)
 
     def _claim_solo(self, record: JobRecord) -> bool:
         """Lock held: take the device for `record` if the engine is idle (and the job's deadline
@@ -237,11 +235,11 @@ class Engine:
     def _run_solo(self, record: JobRecord) -> None:
         """Run a claimed solo job on this thread, then hand the device back to the loop."""
         try:
-            result: SampleResult | None = run_solo(record)
+            samples: Tensor | None = whole_loop_samples(record)
             error: EngineError | None = None
         except Exception as raised:
             logger.warning("whole-loop sampler of model %s failed: %r", record.model.name, raised)
-            result = None
+            samples = None
             error = BackendFailed(
                 f"whole-loop sampler of model {record.model.name!r} failed: {raised!r}"
             )
@@ -253,11 +251,11 @@ class Engine:
                 self._running_rows -= record.rows
                 self._pending_evaluations -= record.evaluations
             self._wake.notify_all()
-        if result is None:
+        if samples is None:
             resolve(record.future, error=error)
             self._finish(record)
         else:
-            self._answer(record, result)
+            self._answer(record, _sample_result(record, samples, time.monotonic()))
 
     def stats(self) -> EngineStats:
         """A consistent snapshot of queued rows, running rows and owed network evaluations."""
@@ -615,23 +613,11 @@ class Engine:
     def _result(
         self, group: RowGroup, record: JobRecord, now: float
     ) -> SampleResult | LikelihoodResult:
-        queue_seconds = record.admitted - record.submitted
-        compute_seconds = now - record.admitted
-        model = record.model
         if isinstance(group, SampleGroup):
-            return SampleResult(
-                samples=group.result(record),
-                model=model.name,
-                version=model.version,
-                num_steps=record.num_steps,
-                network_evaluations=record.evaluations,
-                seed=record.seed,
-                queue_seconds=queue_seconds,
-                compute_seconds=compute_seconds,
-                trajectory=tuple(record.trajectory),
-            )
+            return _sample_result(record, group.result(record), now)
         assert isinstance(group, LikelihoodGroup)
         estimate = group.result(record)
+        model = record.model
         return LikelihoodResult(
             log_prob=estimate.log_prob,
             std_error=estimate.std_error,
@@ -640,8 +626,8 @@ class Engine:
             version=model.version,
             network_evaluations=record.evaluations,
             seed=record.seed,
-            queue_seconds=queue_seconds,
-            compute_seconds=compute_seconds,
+            queue_seconds=record.admitted - record.submitted,
+            compute_seconds=now - record.admitted,
         )
 
     def _deliver(self) -> None:
@@ -739,6 +725,22 @@ class Engine:
         self._sample_lanes.clear()
         self._likelihood_lanes.clear()
         self._held.clear()
+
+
+def _sample_result(record: JobRecord, samples: Tensor, now: float) -> SampleResult:
+    """The result of a finished sample job, timed from its record."""
+    model = record.model
+    return SampleResult(
+        samples=samples,
+        model=model.name,
+        version=model.version,
+        num_steps=record.num_steps,
+        network_evaluations=record.evaluations,
+        seed=record.seed,
+        queue_seconds=record.admitted - record.submitted,
+        compute_seconds=now - record.admitted,
+        trajectory=tuple(record.trajectory),
+    )
 
 
 def _lane_key(record: JobRecord) -> tuple[object, ...]:

@@ -10,12 +10,11 @@ idle; this module decides whether a job qualifies and runs it.
 
 from __future__ import annotations
 
-import time
-
 import torch
+from torch import Tensor
 
 from flows.solvers import TABLEAUS
-from server.engine.api import SampleJob, SampleResult
+from server.engine.api import SampleJob
 from server.engine.records import JobRecord
 
 
@@ -36,8 +35,8 @@ def solo_cost(record: JobRecord) -> int | None:
     return record.rows * job.num_steps * TABLEAUS[job.solver].num_stages * branches
 
 
-def run_solo(record: JobRecord) -> SampleResult:
-    """Integrate a qualifying job (see `solo_cost`) in one whole-loop call.
+def whole_loop_samples(record: JobRecord) -> Tensor:
+    """Integrate a qualifying job (see `solo_cost`) in one whole-loop call; its samples.
 
     Raises:
         Exception: whatever the sampler raises.
@@ -45,17 +44,6 @@ def run_solo(record: JobRecord) -> SampleResult:
     job = record.job
     assert isinstance(job, SampleJob) and job.model.whole_loop is not None
     guidance = torch.full((record.rows,), float(job.guidance_scale), dtype=torch.float32)
-    samples = job.model.whole_loop(
+    return job.model.whole_loop(
         record.x_start.cpu(), job.num_steps, job.solver, record.labels.cpu(), guidance
-    )
-    return SampleResult(
-        samples=samples,
-        model=job.model.name,
-        version=job.model.version,
-        num_steps=record.num_steps,
-        network_evaluations=record.evaluations,
-        seed=record.seed,
-        queue_seconds=0.0,
-        compute_seconds=time.monotonic() - record.admitted,
-        trajectory=(),
     )
